@@ -1,0 +1,279 @@
+"""LoRA adapters: the PEFT directory on disk, its checks, and its conversion for ONNX Runtime.
+
+An adapter directory is what ``peft.PeftModel.save_pretrained`` writes (``adapter_model.safetensors``
++ ``adapter_config.json``), loadable by ``PeftModel.from_pretrained`` on the bundle's base, plus our
+``edge_adapter.json`` (base hash, version, parent, labels, metrics). Everything here is numpy: the
+inference path reads adapters without torch.
+
+Before anything is activated: known keys only, every target of every layer present, shapes,
+dtypes, finiteness, labels and the base hash are checked; a bad adapter raises ``AdapterError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bundle import BundleManifest
+from agent.lora_graph import HEAD_BIAS, HEAD_WEIGHT, lora_input_names
+
+WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+META = "edge_adapter.json"
+QKV_SLOT = {"query": 0, "key": 1, "value": 2}
+MAX_ADAPTER_BYTES = 64 << 20
+
+_LORA_KEY = re.compile(
+    r"^base_model\.model\.bert\.encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.lora_([AB])\.weight$"
+)
+_HEAD_KEY = re.compile(r"^base_model\.model\.classifier\.(weight|bias)$")
+
+
+class AdapterError(ValueError):
+    """An adapter that must not be activated; the message says why."""
+
+
+@dataclass
+class AdapterMeta:
+    version: str
+    base_hash: str
+    labels: list[str]
+    parent: str | None = None
+    created: float = field(default_factory=time.time)
+    num_examples: int = 0
+    round: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    signature: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AdapterMeta:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise AdapterError(f"{META}: unknown fields {sorted(unknown)}")
+        try:
+            meta = cls(**data)
+        except TypeError as e:
+            raise AdapterError(f"{META}: {e}") from e
+        if not isinstance(meta.version, str) or not meta.version:
+            raise AdapterError(f"{META}: version must be a non-empty string")
+        if not isinstance(meta.labels, list) or not all(isinstance(x, str) for x in meta.labels):
+            raise AdapterError(f"{META}: labels must be a list of strings")
+        return meta
+
+
+@dataclass(frozen=True)
+class OrtAdapter:
+    """An adapter converted to the graph's input names, ready for ``onnxruntime.AdapterFormat``."""
+
+    meta: AdapterMeta
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def version(self) -> str:
+        return self.meta.version
+
+
+def read_adapter(adapter_dir: Path, bundle: BundleManifest) -> OrtAdapter:
+    """Load, check and convert a PEFT adapter directory for ``bundle``; raise ``AdapterError``."""
+    adapter_dir = Path(adapter_dir)
+    meta = _read_meta(adapter_dir)
+    if meta.base_hash != bundle.base_hash:
+        raise AdapterError(
+            f"adapter {meta.version} was trained on base {meta.base_hash[:12]}, this bundle is {bundle.base_hash[:12]}"
+        )
+    cfg = _read_json(adapter_dir / PEFT_CONFIG)
+    scale = _lora_scale(cfg)
+    tensors = _read_tensors(adapter_dir / WEIGHTS)
+    return OrtAdapter(meta, to_ort_arrays(tensors, bundle, scale, meta.labels or bundle.labels))
+
+
+def to_ort_arrays(
+    tensors: dict[str, np.ndarray], bundle: BundleManifest, scale: float, labels: list[str]
+) -> dict[str, np.ndarray]:
+    """PEFT tensors -> packed graph inputs: ``A_l = [A_q^T | A_v^T]``, ``B_l`` block rows in q|k|v columns.
+
+    The LoRA scale is folded into B, so adapters with any alpha run on the same graph.
+    """
+    h, layers = bundle.hidden_size, bundle.num_layers
+    lora: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    head: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        if (m := _LORA_KEY.match(key)) is not None:
+            layer, target, which = int(m.group(1)), m.group(2), m.group(3)
+            if layer >= layers:
+                raise AdapterError(f"{key}: layer {layer} does not exist (the base has {layers})")
+            lora.setdefault((layer, target), {})[which] = value
+        elif (m := _HEAD_KEY.match(key)) is not None:
+            head[m.group(1)] = value
+        else:
+            raise AdapterError(f"unexpected tensor {key!r}: not a LoRA factor of query/key/value or the head")
+    if not lora:
+        raise AdapterError("adapter has no LoRA tensors")
+    targets = sorted({t for _, t in lora}, key=QKV_SLOT.__getitem__)
+    out: dict[str, np.ndarray] = {}
+    for layer in range(layers):
+        a_blocks, b_rows = [], []
+        for target in targets:
+            pair = lora.get((layer, target), {})
+            if set(pair) != {"A", "B"}:
+                raise AdapterError(f"layer {layer} {target}: lora_A and lora_B must both be present")
+            a, b = _checked(pair["A"], f"layer {layer} {target} lora_A"), _checked(
+                pair["B"], f"layer {layer} {target} lora_B"
+            )
+            r = a.shape[0]
+            if a.shape != (r, h) or b.shape != (h, r):
+                raise AdapterError(
+                    f"layer {layer} {target}: shapes A{a.shape} B{b.shape}, expected A({r}, {h}) B({h}, {r})"
+                )
+            a_blocks.append(a.T)
+            row = np.zeros((r, 3 * h), np.float32)
+            slot = QKV_SLOT[target]
+            row[:, slot * h : (slot + 1) * h] = b.T * scale
+            b_rows.append(row)
+        a_name, b_name = lora_input_names(layer)
+        out[a_name] = np.ascontiguousarray(np.concatenate(a_blocks, axis=1), dtype=np.float32)
+        out[b_name] = np.ascontiguousarray(np.concatenate(b_rows, axis=0), dtype=np.float32)
+    if head:
+        if set(head) != {"weight", "bias"}:
+            raise AdapterError("classifier head needs both weight and bias")
+        w, b = _checked(head["weight"], "head weight"), _checked(head["bias"], "head bias")
+        if w.shape != (len(labels), h) or b.shape != (len(labels),):
+            raise AdapterError(
+                f"head shapes weight{w.shape} bias{b.shape} do not fit {len(labels)} labels x hidden {h}"
+            )
+        out[HEAD_WEIGHT], out[HEAD_BIAS] = w, b
+    elif labels != bundle.labels:
+        raise AdapterError("adapter declares its own labels but carries no classifier head")
+    return out
+
+
+def _checked(value: np.ndarray, what: str) -> np.ndarray:
+    if value.dtype not in (np.float32, np.float16):
+        raise AdapterError(f"{what}: dtype {value.dtype}, expected float32 (or float16)")
+    value = value.astype(np.float32, copy=False)
+    if not np.isfinite(value).all():
+        raise AdapterError(f"{what}: contains NaN or Inf")
+    return value
+
+
+def _lora_scale(cfg: dict[str, Any]) -> float:
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(f"{PEFT_CONFIG}: peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
+    for flag in ("use_dora", "fan_in_fan_out"):
+        if cfg.get(flag):
+            raise AdapterError(f"{PEFT_CONFIG}: {flag}=true is not supported by the inference graph")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise AdapterError(f"{PEFT_CONFIG}: per-module rank/alpha patterns are not supported")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise AdapterError(f"{PEFT_CONFIG}: r and lora_alpha must be positive numbers")
+    return float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise AdapterError(f"{path.name} is missing in {path.parent}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path.name}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path.name}: expected a JSON object")
+    return data
+
+
+def _read_meta(adapter_dir: Path) -> AdapterMeta:
+    return AdapterMeta.from_json(_read_json(adapter_dir / META))
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as e:
+        raise AdapterError(f"{path.name} is missing in {path.parent}") from e
+    if size > MAX_ADAPTER_BYTES:
+        raise AdapterError(f"{path.name}: {size} bytes exceeds the {MAX_ADAPTER_BYTES} byte limit")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{path.name}: unreadable safetensors file ({e})") from e
+
+
+def write_ort_adapter(adapter: OrtAdapter, path: Path) -> Path:
+    """Write the ``.onnx_adapter`` file ONNX Runtime memory-maps (its Python API loads files only)."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in adapter.arrays.items()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    fmt.export_adapter(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def save_adapter(
+    out_dir: Path, tensors: dict[str, np.ndarray], peft_config: dict[str, Any], meta: AdapterMeta
+) -> Path:
+    """Write an adapter directory atomically: a temp dir, fsynced, renamed into place."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2))
+        (tmp / META).write_text(json.dumps(meta.__dict__, indent=2))
+        for f in tmp.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def write_meta(adapter_dir: Path, meta: AdapterMeta) -> None:
+    """Add our manifest beside what ``PeftModel.save_pretrained`` wrote."""
+    tmp = Path(adapter_dir) / f".{META}.tmp"
+    tmp.write_text(json.dumps(meta.__dict__, indent=2))
+    os.replace(tmp, Path(adapter_dir) / META)
+
+
+def peft_lora_config(rank: int, alpha: float, targets: list[str], base: str = "") -> dict[str, Any]:
+    """The subset of peft's ``LoraConfig`` JSON that ``PeftModel.from_pretrained`` needs."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(targets),
+        "modules_to_save": ["classifier", "score"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "base_model_name_or_path": base,
+    }

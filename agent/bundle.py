@@ -1,0 +1,130 @@
+"""The model bundle on disk: manifest, paths and integrity checks. No torch here.
+
+A bundle is a directory written by ``edge-agent model build`` (see ``agent.build``):
+
+    manifest.json        what everything downstream checks (base hash, labels, LoRA spec, precisions)
+    model.fp32.onnx      fused fp32 graph with LoRA inputs (CPU)
+    model.int8.onnx      same graph, base MatMuls INT8 (CPU); LoRA branches and head stay fp32
+    model.fp16.onnx      same graph in FP16 (CUDA)
+    base.safetensors     fp32 weights the learner trains against (its sha256 is the base hash)
+    hf/config.json       Hugging Face config to rebuild the torch model for training
+    tokenizer/           tokenizer.json (+ HF tokenizer files)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST = "manifest.json"
+BASE_WEIGHTS = "base.safetensors"
+TOKENIZER_JSON = "tokenizer/tokenizer.json"
+Precision = Literal["fp32", "int8", "fp16"]
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete or does not match what the caller expects."""
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rank: int = Field(8, gt=0, description="LoRA rank r the learner trains with")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the scale alpha/r is folded into B on conversion")
+    targets: list[Literal["query", "key", "value"]] = Field(
+        default_factory=lambda: ["query", "value"],
+        description="attention projections that carry a LoRA branch",
+    )
+    layout: Literal["qkv-packed"] = Field(
+        "qkv-packed", description="one A [H,R] and B [R,3H] per layer, targets in column blocks q|k|v"
+    )
+    graph_inputs: dict[str, list[int | str]] = Field(
+        default_factory=dict, description="overridable LoRA inputs of the graph and their shapes"
+    )
+
+
+class PrecisionFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    device: Literal["cpu", "cuda"]
+    quantization: dict[str, object] = Field(default_factory=dict)
+    size_bytes: int = 0
+
+
+class BundleManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: int = 1
+    name: str
+    source: str = Field(description="the encoder the bundle was built from")
+    architecture: str
+    base_hash: str = Field(description="sha256 of base.safetensors; adapters name the base they fit")
+    labels: list[str]
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    max_length: int
+    lora: LoraSpec
+    head: dict[str, str] = Field(description="graph input names of the overridable classifier head")
+    outputs: list[str]
+    precisions: dict[str, PrecisionFile]
+    opset: int
+    tools: dict[str, str]
+    verification: dict[str, float] = Field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(bundle_dir: Path) -> BundleManifest:
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir}: no {MANIFEST}; build one with `edge-agent model build`")
+    try:
+        return BundleManifest.model_validate_json(path.read_text())
+    except ValueError as e:
+        raise BundleError(f"{path}: invalid manifest: {e}") from e
+
+
+def check_bundle(bundle_dir: Path, verify_hash: bool = True) -> list[str]:
+    """Every problem found in a bundle, as sentences; an empty list means it is usable."""
+    bundle_dir = Path(bundle_dir)
+    try:
+        m = load_manifest(bundle_dir)
+    except BundleError as e:
+        return [str(e)]
+    problems = []
+    for name, p in m.precisions.items():
+        f = bundle_dir / p.file
+        if not f.is_file():
+            problems.append(f"precision {name}: {p.file} is missing")
+        elif p.size_bytes and f.stat().st_size != p.size_bytes:
+            problems.append(f"precision {name}: {p.file} has {f.stat().st_size} bytes, manifest says {p.size_bytes}")
+    if not (bundle_dir / TOKENIZER_JSON).is_file():
+        problems.append(f"{TOKENIZER_JSON} is missing")
+    base = bundle_dir / BASE_WEIGHTS
+    if not base.is_file():
+        problems.append(f"{BASE_WEIGHTS} is missing")
+    elif verify_hash and sha256_file(base) != m.base_hash:
+        problems.append(f"{BASE_WEIGHTS} does not match base_hash {m.base_hash[:12]}")
+    return problems
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Write JSON so that a crash leaves either the old or the new file, never half of one."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,78 @@
+"""Rebuild the bundle's fp32 torch model and wrap it with peft."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from agent.adapters import META, AdapterMeta, write_meta
+from agent.bundle import BASE_WEIGHTS, BundleManifest, load_manifest
+
+
+def load_base_model(bundle_dir: Path):
+    """The bundle's base as a ``transformers`` model, weights from ``base.safetensors``."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    bundle_dir = Path(bundle_dir)
+    config = AutoConfig.from_pretrained(bundle_dir / "hf")
+    with torch.device("cpu"):
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    state = load_file(str(bundle_dir / BASE_WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied or buffer-only keys (e.g. position_ids) may differ between versions; weights may not.
+    real_missing = [k for k in missing if not k.endswith("position_ids")]
+    if real_missing or unexpected:
+        raise ValueError(f"base.safetensors does not fit the config: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def new_peft_model(bundle_dir: Path, manifest: BundleManifest | None = None, init_adapter: Path | None = None):
+    """The base wrapped with a fresh LoRA (the bundle's spec) or with an existing adapter to continue."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    manifest = manifest or load_manifest(bundle_dir)
+    base = load_base_model(bundle_dir)
+    if init_adapter is not None:
+        return PeftModel.from_pretrained(base, str(init_adapter), is_trainable=True)
+    spec = manifest.lora
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.targets),
+        lora_dropout=0.0,
+        task_type="SEQ_CLS",
+        bias="none",
+    )
+    return get_peft_model(base, config)
+
+
+def save_peft_adapter(peft_model, out_dir: Path, manifest: BundleManifest, version: str, **meta_fields) -> AdapterMeta:
+    """``save_pretrained`` plus our manifest; written to a temp dir and renamed into place."""
+    import os
+    import shutil
+    import tempfile
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        peft_model.save_pretrained(str(tmp))
+        (tmp / "README.md").unlink(missing_ok=True)
+        meta = AdapterMeta(
+            version=version, base_hash=manifest.base_hash, labels=list(manifest.labels), created=time.time(), **meta_fields
+        )
+        write_meta(tmp, meta)
+        for f in tmp.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    assert (out_dir / META).is_file()
+    return meta

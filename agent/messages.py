@@ -1,0 +1,256 @@
+"""Inbound MQTT payloads: size limits, UTF-8 and JSON decoding, schemas. Pure: no paho, no I/O.
+
+``parse(kind, payload)`` returns a validated model or raises ``MessageError`` with an
+``ErrorCode``; nothing else escapes it, whatever the bytes (a property test checks this).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from agent.config import ConfigError, RuntimeConfig, format_errors, parse_runtime
+from agent.topics import Kind
+
+MAX_TEXT_CHARS = 4096
+MAX_TEXTS = 256
+MAX_ID_CHARS = 128
+MAX_LABEL_CHARS = 128
+MAX_PAYLOAD_BYTES: dict[Kind, int] = {
+    Kind.INFER: 1024 * 1024,
+    Kind.EVENT: 32 * 1024,
+    Kind.SAMPLE: 32 * 1024,
+    Kind.FEEDBACK: 4 * 1024,
+    Kind.CONFIG: 64 * 1024,
+    Kind.COMMAND: 16 * 1024,
+}
+# A bound on JSON nesting, well below Python's recursion limit.
+MAX_JSON_DEPTH = 32
+
+
+class ErrorCode(StrEnum):
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    INVALID_PAYLOAD = "invalid_payload"
+    OVERSIZE = "oversize"
+    UNKNOWN_LABEL = "unknown_label"
+    UNKNOWN_PREDICTION = "unknown_prediction"
+    UNKNOWN_COMMAND = "unknown_command"
+    NOT_AVAILABLE = "not_available"
+    STALE_VERSION = "stale_version"
+    VERSION_CONFLICT = "version_conflict"
+    STORAGE = "storage_error"
+    INFERENCE = "inference_error"
+    INTERNAL = "internal_error"
+
+
+class MessageError(Exception):
+    """A message that cannot be accepted: ``code`` for counters, ``message`` for people."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None, details: list[str] | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.details = details or []
+
+    def payload(self, **extra: Any) -> dict[str, Any]:
+        return error_payload(self.code, self.message, self.request_id, **extra)
+
+
+def error_payload(code: ErrorCode, message: str, request_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"id": request_id, **extra, "error": {"code": str(code), "message": message}}
+
+
+# ---- field types ----------------------------------------------------------------------------
+
+
+def _utf8_clean(value: str) -> str:
+    # JSON escapes can carry unpaired surrogates ("\ud800"): SQLite and the tokenizer cannot take them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains an unpaired UTF-16 surrogate") from None
+    if "\x00" in value:
+        raise ValueError("contains a NUL character")
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+Text = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_utf8_clean), AfterValidator(_not_blank)
+]
+Label = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS), AfterValidator(_utf8_clean), AfterValidator(_not_blank)
+]
+# Printable ASCII without spaces: ids end up in logs, topics of replies and SQLite keys.
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[!-~]+$")]
+Timestamp = Annotated[float, Field(ge=0, le=1e11, description="seconds since the epoch")]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class InferRequest(_Message):
+    id: Id = Field(description="request id, echoed in the response")
+    text: Text | None = Field(None, description="one text to classify")
+    texts: list[Text] | None = Field(None, min_length=1, max_length=MAX_TEXTS, description="several texts")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> InferRequest:
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of text or texts")
+        return self
+
+    def all_texts(self) -> list[str]:
+        return [self.text] if self.text is not None else list(self.texts or [])
+
+
+class Event(_Message):
+    id: Id | None = Field(
+        None, description="record id, used as the prediction id (default: a hash of the payload)"
+    )
+    text: Text = Field(description="the record to classify")
+    ts: Timestamp | None = Field(None, description="when the record was made")
+    source: Annotated[str, StringConstraints(max_length=128), AfterValidator(_utf8_clean)] | None = Field(
+        None, description="machine or gateway that produced the record"
+    )
+
+
+class Sample(_Message):
+    id: Id | None = Field(None, description="sample id; a redelivered sample with the same id is stored once")
+    text: Text = Field(description="the text")
+    label: Label = Field(description="its label: one of the model's labels")
+    ts: Timestamp | None = Field(None, description="when the sample was labeled")
+
+    def key(self) -> str:
+        """The de-duplication key: the id, or (without one) the content."""
+        if self.id is not None:
+            return "id:" + self.id
+        return "sha256:" + hashlib.sha256(f"{self.text}\x00{self.label}".encode()).hexdigest()
+
+
+class Feedback(_Message):
+    id: Id | None = Field(None, description="feedback id; a redelivered one with the same id is stored once")
+    prediction_id: Id = Field(description="id of an earlier prediction (published on predictions)")
+    label: Label = Field(description="the right label for it: one of the model's labels")
+
+    def key(self) -> str:
+        if self.id is not None:
+            return "id:" + self.id
+        return f"prediction:{self.prediction_id}:{self.label}"
+
+
+class Command(_Message):
+    id: Id = Field(description="command id, echoed in the result; a redelivered id is answered from the audit")
+    cmd: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z_]{0,31}$")] = Field(description="command name")
+    args: dict[str, JsonValue] = Field(default_factory=dict, description="command arguments")
+
+
+MODELS: dict[Kind, type[BaseModel]] = {
+    Kind.INFER: InferRequest,
+    Kind.EVENT: Event,
+    Kind.SAMPLE: Sample,
+    Kind.FEEDBACK: Feedback,
+    Kind.COMMAND: Command,
+}
+
+Parsed = InferRequest | Event | Sample | Feedback | Command | RuntimeConfig
+
+
+# ---- decoding -------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _depth(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return False
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return True
+
+
+def decode_json(payload: bytes, limit: int) -> Any:
+    """Bytes to a JSON value: size limit, strict UTF-8, no NaN/Infinity, bounded nesting."""
+    if len(payload) > limit:
+        raise MessageError(ErrorCode.OVERSIZE, f"payload is {len(payload)} bytes; the limit is {limit}")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MessageError(ErrorCode.INVALID_UTF8, f"payload is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise MessageError(ErrorCode.INVALID_JSON, "payload nests too deeply") from None
+    except ValueError as e:
+        raise MessageError(ErrorCode.INVALID_JSON, f"payload is not JSON: {e}") from None
+    if not _depth(value, MAX_JSON_DEPTH):
+        raise MessageError(ErrorCode.INVALID_JSON, f"payload nests deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def request_id(value: Any) -> str | None:
+    """The ``id`` of a payload that failed validation, when it has a usable one (for the reply)."""
+    if isinstance(value, dict):
+        rid = value.get("id")
+        if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS and rid.isascii() and rid.isprintable():
+            return rid
+    return None
+
+
+def parse(kind: Kind, payload: bytes) -> Parsed:
+    """Validate one inbound payload. Raises MessageError, and nothing else."""
+    value = decode_json(payload, MAX_PAYLOAD_BYTES[kind])
+    rid = request_id(value)
+    if kind is Kind.CONFIG:
+        try:
+            return parse_runtime(value)
+        except ConfigError as e:
+            version = value.get("version") if isinstance(value, dict) else None
+            vid = str(version) if isinstance(version, int) and not isinstance(version, bool) else None
+            raise MessageError(ErrorCode.INVALID_PAYLOAD, "; ".join(e.errors), vid, e.errors) from None
+    try:
+        return MODELS[kind].model_validate(value)  # type: ignore[return-value]
+    except ValidationError as e:
+        errors = format_errors(e)
+        raise MessageError(ErrorCode.INVALID_PAYLOAD, "; ".join(errors), rid, errors) from None
+
+
+def event_id(event: Event, payload: bytes) -> str:
+    """A record without an id gets one from its bytes, so a redelivered copy maps to the same row."""
+    return event.id if event.id is not None else "e-" + hashlib.sha256(payload).hexdigest()[:24]

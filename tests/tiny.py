@@ -1,0 +1,56 @@
+"""A tiny random BERT with the default tokenizer: real architecture, milliseconds to run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_LABELS = ["normal", "electrical", "mechanical", "thermal"]
+
+
+def make_tiny_bert(out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from agent.build import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=len(TINY_LABELS),
+    )
+    model = BertForSequenceClassification(config).eval()
+    # Random init gives near-identical logits for every text; widen the weights so that
+    # predictions and adapters visibly change outputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_random_adapter(bundle_dir: Path, out: Path, seed: int, version: str, b_std: float = 0.5) -> Path:
+    """A peft adapter with non-zero B and a perturbed head, so it visibly changes the output."""
+    import torch
+
+    from agent.bundle import load_manifest
+    from agent.learner.model import new_peft_model, save_peft_adapter
+
+    manifest = load_manifest(bundle_dir)
+    model = new_peft_model(bundle_dir, manifest)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    save_peft_adapter(model, out, manifest, version)
+    return out
