@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -72,21 +73,19 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class _LogitsOnly:
-    """Wraps the HF model so the exported graph has exactly one output, ``logits``."""
+def _logits_only(model: Any) -> Any:
+    """Wrap the HF model so the exported graph has exactly one output, ``logits``."""
+    import torch
 
-    def __new__(cls, model):  # a torch.nn.Module built lazily: torch is imported only here
-        import torch
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
 
-            def forward(self, input_ids, attention_mask):
-                return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
-
-        return Wrapper(model)
+    return LogitsOnly(model)
 
 
 def build_bundle(
@@ -142,7 +141,7 @@ def build_bundle(
             # Reference first: the TorchScript exporter leaves the module in a traced state.
             reference = model(input_ids=ids, attention_mask=mask).logits.numpy()
             torch.onnx.export(
-                _LogitsOnly(model),
+                _logits_only(model),
                 (ids, mask),
                 str(plain),
                 input_names=["input_ids", "attention_mask"],

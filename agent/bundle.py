@@ -24,6 +24,7 @@ MANIFEST = "manifest.json"
 BASE_WEIGHTS = "base.safetensors"
 TOKENIZER_JSON = "tokenizer/tokenizer.json"
 Precision = Literal["fp32", "int8", "fp16"]
+LoraTarget = Literal["query", "key", "value"]
 
 
 class BundleError(ValueError):
@@ -33,9 +34,9 @@ class BundleError(ValueError):
 class LoraSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rank: int = Field(8, gt=0, description="LoRA rank r the learner trains with")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the scale alpha/r is folded into B on conversion")
-    targets: list[Literal["query", "key", "value"]] = Field(
-        default_factory=lambda: ["query", "value"],
+    alpha: int = Field(16, gt=0, description="LoRA alpha; the scale alpha/r is folded into B on conversion")
+    targets: list[LoraTarget] = Field(
+        default_factory=lambda: list[LoraTarget](["query", "value"]),
         description="attention projections that carry a LoRA branch",
     )
     layout: Literal["qkv-packed"] = Field(

