@@ -1,9 +1,16 @@
-"""One training round: LoRA + head on labeled texts, on the bundle's fp32 base (torch + peft)."""
+"""One training round: LoRA + head on labeled texts, on the bundle's fp32 base (torch + peft).
+
+Against forgetting: the caller mixes a class-balanced replay of older samples into ``texts``,
+and the loss adds ``anchor_lambda * ||theta - theta*||^2`` where theta* are the trainable tensors of
+an anchor adapter (the fleet's global adapter, else the active one). Early stopping keeps the
+epoch with the best validation accuracy.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +20,10 @@ from agent.bundle import load_manifest
 from agent.learner.model import new_peft_model, save_peft_adapter
 
 log = logging.getLogger(__name__)
+
+
+class TrainingCancelled(Exception):
+    """The round was cancelled between steps; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -25,14 +36,19 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     time_budget_s: float | None = None
+    anchor_lambda: float = 0.0
+    patience: int = 2  # epochs without validation gain before stopping
 
 
 @dataclass(frozen=True)
 class TrainResult:
     version: str
     steps: int
+    epochs_run: int
     seconds: float
     final_loss: float
+    best_val_accuracy: float | None
+    stopped: str  # "epochs" | "early_stop" | "time_budget"
 
 
 def train_adapter(
@@ -44,6 +60,10 @@ def train_adapter(
     config: TrainConfig | None = None,
     init_adapter: Path | None = None,
     parent: str | None = None,
+    anchor_adapter: Path | None = None,
+    val: tuple[list[str], list[str]] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    wait_if_paused: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train LoRA + head on (texts, labels) and write a PEFT adapter directory with our manifest."""
     import torch
@@ -55,41 +75,104 @@ def train_adapter(
     unknown = sorted(set(labels) - set(index))
     if unknown:
         raise ValueError(f"labels not in the bundle's label set: {unknown}")
+    if not texts:
+        raise ValueError("no training texts")
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(Path(bundle_dir) / "tokenizer")
     model = new_peft_model(bundle_dir, manifest, init_adapter)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    anchor = _anchor_tensors(bundle_dir, manifest, anchor_adapter, trainable) if config.anchor_lambda > 0 else {}
+    opt = torch.optim.AdamW(list(trainable.values()), lr=config.lr)
     y_all = np.array([index[lab] for lab in labels])
     rng = np.random.default_rng(config.seed)
+
+    def encode(batch_texts: list[str]):
+        # Pad to the batch, not to max_length: plant texts are short.
+        return tokenizer(
+            batch_texts, padding=True, truncation=True, max_length=manifest.max_length, return_tensors="pt"
+        )
+
+    def val_accuracy() -> float:
+        assert val is not None
+        model.eval()
+        ok = 0
+        with torch.no_grad():
+            for b in range(0, len(val[0]), 64):
+                logits = model(**encode(val[0][b : b + 64])).logits
+                ok += int((logits.argmax(-1).numpy() == np.array([index[x] for x in val[1][b : b + 64]])).sum())
+        model.train()
+        return ok / max(1, len(val[0]))
+
     start = time.perf_counter()
-    steps, loss_value = 0, float("nan")
-    for _epoch in range(config.epochs):
+    steps, loss_value, stopped = 0, float("nan"), "epochs"
+    best_acc: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    stale = 0
+    epoch = 0
+    model.train()
+    for epoch in range(1, config.epochs + 1):  # noqa: B007 - epoch is reported after the loop
         order = rng.permutation(len(texts))
         for b in range(0, len(order), config.batch_size):
+            if should_stop is not None and should_stop():
+                raise TrainingCancelled(f"cancelled after {steps} steps")
+            if wait_if_paused is not None:
+                wait_if_paused()
             idx = order[b : b + config.batch_size]
-            # Pad to the batch, not to max_length: plant texts are short.
-            enc = tokenizer(
-                [texts[i] for i in idx], padding=True, truncation=True, max_length=manifest.max_length, return_tensors="pt"
-            )
-            out = model(**enc, labels=torch.as_tensor(y_all[idx]))
+            out = model(**encode([texts[i] for i in idx]), labels=torch.as_tensor(y_all[idx]))
+            loss = out.loss
+            if anchor:
+                loss = loss + config.anchor_lambda * sum(
+                    ((trainable[n] - t) ** 2).sum() for n, t in anchor.items()
+                )
             opt.zero_grad()
-            out.loss.backward()
+            loss.backward()
             opt.step()
             steps += 1
-            loss_value = float(out.loss.detach())
+            loss_value = float(loss.detach())
             if config.time_budget_s and time.perf_counter() - start > config.time_budget_s:
+                stopped = "time_budget"
                 break
-        else:
-            continue
-        break
+        if val is not None and val[0]:
+            acc = val_accuracy()
+            if best_acc is None or acc > best_acc:
+                best_acc, stale = acc, 0
+                best_state = {n: p.detach().clone() for n, p in trainable.items()}
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    stopped = "early_stop"
+        if stopped != "epochs":
+            break
+    if best_state is not None:
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(best_state[n])
     model.eval()
     seconds = time.perf_counter() - start
     save_peft_adapter(
-        model, out_dir, manifest, version, parent=parent, num_examples=len(texts), metrics={"train_loss": loss_value}
+        model,
+        out_dir,
+        manifest,
+        version,
+        parent=parent,
+        num_examples=len(texts),
+        metrics={"train_loss": loss_value, "val_accuracy": best_acc, "steps": steps, "stopped": stopped},
     )
-    log.info("adapter %s trained: %d steps in %.1fs, loss %.4f", version, steps, seconds, loss_value)
-    return TrainResult(version, steps, seconds, loss_value)
+    log.info("adapter %s trained: %d steps, %d epochs in %.1fs (%s), loss %.4f", version, steps, epoch, seconds, stopped, loss_value)
+    return TrainResult(version, steps, epoch, seconds, loss_value, best_acc, stopped)
+
+
+def _anchor_tensors(bundle_dir: Path, manifest, anchor_adapter: Path | None, trainable: dict) -> dict:
+    """theta*: the anchor adapter's values for every trainable tensor (zeros-delta = base if none)."""
+    import torch
+
+    if anchor_adapter is None:
+        return {n: p.detach().clone() for n, p in trainable.items()}
+    anchor_model = new_peft_model(bundle_dir, manifest, anchor_adapter)
+    values = dict(anchor_model.named_parameters())
+    missing = [n for n in trainable if n not in values]
+    if missing:
+        raise ValueError(f"anchor adapter lacks trainable tensors, e.g. {missing[:2]}")
+    return {n: values[n].detach().clone().to(torch.float32) for n in trainable}

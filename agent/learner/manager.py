@@ -1,0 +1,454 @@
+"""The learner's side in the daemon: triggers, resource guard, spawning rounds, the gate,
+promotion, rollback and the adapter registry. No torch here: training runs in a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.adapters import AdapterError
+from agent.learner import policy
+from agent.learner.round import RoundSpec, report_from_dict, run_round_process
+
+log = logging.getLogger(__name__)
+
+REGISTRY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapter_versions (
+    version TEXT PRIMARY KEY,
+    parent TEXT,
+    path TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('candidate', 'promoted', 'rejected', 'rolled_back', 'retired')),
+    reason TEXT,
+    metrics TEXT,                 -- JSON: candidate and active evaluation per holdout slice
+    data_from_id INTEGER,         -- sample id range the round trained on
+    data_to_id INTEGER,
+    n_new INTEGER, n_replay INTEGER,
+    created_at REAL NOT NULL,
+    promoted_at REAL
+);
+CREATE TABLE IF NOT EXISTS learner_state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class LearnerSettings:
+    enabled: bool = True
+    triggers: policy.TriggerPolicy = field(default_factory=policy.TriggerPolicy)
+    limits: policy.ResourceLimits = field(default_factory=policy.ResourceLimits)
+    gate: policy.GatePolicy = field(default_factory=policy.GatePolicy)
+    rollback: policy.RollbackPolicy = field(default_factory=policy.RollbackPolicy)
+    schedule: list[str] = field(default_factory=list)  # "HH:MM" UTC
+    epochs: int = 8
+    lr: float = 1e-3
+    batch_size: int = 16
+    anchor_lambda: float = 1e-3
+    replay_fraction: float = 0.5
+    max_train_samples: int = 4000
+    time_budget_s: float = 600.0
+    threads: int = 1
+    keep_versions: int = 5
+    min_interval_s: float = 60.0  # between two rounds, whatever triggers
+
+
+class LearnerManager:
+    def __init__(
+        self,
+        *,
+        db_path: Path,
+        bundle_dir: Path,
+        data_dir: Path,
+        engine: Any,
+        settings: LearnerSettings | None = None,
+        publish: Callable[[str, dict[str, Any]], None] | None = None,
+        anchor_dir: Callable[[], Path | None] | None = None,
+    ):
+        self.db_path = Path(db_path)
+        self.bundle_dir = Path(bundle_dir)
+        self.adapters_dir = Path(data_dir) / "adapters"
+        self.work_dir = Path(data_dir) / "learner"
+        self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = engine
+        self.settings = settings or LearnerSettings()
+        self.publish = publish or (lambda event, body: None)
+        self.anchor_dir = anchor_dir or (lambda: None)
+        self._proc: Any = None
+        self._spec: RoundSpec | None = None
+        self._manual = False
+        self._last_round_end = 0.0
+        self._last_refusal: str | None = None
+        self._last_schedule_key: str | None = None
+        self.counters = {"rounds": 0, "promoted": 0, "rejected": 0, "failed": 0, "cancelled": 0, "rollbacks": 0}
+        with self._db() as con:
+            con.executescript(REGISTRY_SCHEMA)
+        self._pause_file = self.work_dir / "pause"
+        self._cancel_file = self.work_dir / "cancel"
+        self._pause_file.unlink(missing_ok=True)
+        self._cancel_file.unlink(missing_ok=True)
+
+    # ---- registry ---------------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        con.row_factory = sqlite3.Row
+        return con
+
+    def _state(self, key: str, default: str | None = None) -> str | None:
+        with self._db() as con:
+            row = con.execute("SELECT value FROM learner_state WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else default
+
+    def _set_state(self, con: sqlite3.Connection, key: str, value: str) -> None:
+        con.execute("INSERT INTO learner_state(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    def versions(self) -> list[dict[str, Any]]:
+        with self._db() as con:
+            rows = con.execute("SELECT * FROM adapter_versions ORDER BY created_at DESC").fetchall()
+        return [dict(r) for r in rows]
+
+    def active_version(self) -> str | None:
+        return self._state("active")
+
+    def restore_active(self) -> str | None:
+        """After a restart: activate the promoted adapter recorded in SQLite, if its files are intact."""
+        version = self.active_version()
+        if version is None:
+            return None
+        path = self.adapters_dir / version
+        try:
+            self.engine.activate_adapter(path)
+        except (AdapterError, OSError) as e:
+            log.error("recorded active adapter %s cannot be activated (%s); serving the base", version, e)
+            return None
+        return version
+
+    # ---- the periodic step ---------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> None:
+        """Called from the daemon's main loop every second or so."""
+        now = now if now is not None else time.time()
+        if self._proc is not None:
+            self._update_pause()
+            if not self._proc.is_alive():
+                self._finish_round()
+            return
+        if not self.settings.enabled and not self._manual:
+            return
+        self._check_rollback()
+        reason = self._training_reason(now)
+        if reason is None:
+            return
+        if not self._manual and now - self._last_round_end < self.settings.min_interval_s:
+            return
+        refusal = policy.resource_refusal(self._resources(), self.settings.limits)
+        if refusal and not self._manual:
+            if refusal != self._last_refusal:
+                log.info("learner waits: %s", refusal)
+                self._last_refusal = refusal
+            return
+        self._start_round(reason)
+
+    def train_now(self) -> dict[str, Any]:
+        if self._proc is not None:
+            return {"ok": False, "error": f"round {self._spec.version if self._spec else '?'} already running"}
+        self._manual = True
+        self.tick()
+        return {"ok": self._proc is not None, "version": self._spec.version if self._spec else None,
+                "error": None if self._proc is not None else "no new labeled samples"}
+
+    def cancel(self) -> dict[str, Any]:
+        if self._proc is None:
+            return {"ok": False, "error": "no round running"}
+        self._cancel_file.touch()
+        return {"ok": True, "version": self._spec.version if self._spec else None}
+
+    def rollback(self, version: str | None = None, reason: str = "command") -> dict[str, Any]:
+        """Activate ``version`` (default: the active adapter's parent, or the base when it has none)."""
+        active = self.active_version()
+        with self._db() as con:
+            if version is None:
+                row = con.execute("SELECT parent FROM adapter_versions WHERE version = ?", (active,)).fetchone()
+                target = row["parent"] if row else None
+            else:
+                row = con.execute("SELECT version FROM adapter_versions WHERE version = ?", (version,)).fetchone()
+                if row is None and version != "base":
+                    return {"ok": False, "error": f"unknown adapter version {version!r}"}
+                target = None if version == "base" else version
+        try:
+            if target is None:
+                self.engine.deactivate_adapter()
+            else:
+                self.engine.activate_adapter(self.adapters_dir / target)
+        except (AdapterError, OSError) as e:
+            return {"ok": False, "error": f"cannot activate {target}: {e}"}
+        with self._db() as con:
+            con.execute("BEGIN IMMEDIATE")
+            if active is not None:
+                con.execute("UPDATE adapter_versions SET status='rolled_back', reason=? WHERE version=?", (reason, active))
+            if target is not None:
+                con.execute("UPDATE adapter_versions SET status='promoted', promoted_at=? WHERE version=?", (time.time(), target))
+                self._set_state(con, "active", target)
+            else:
+                con.execute("DELETE FROM learner_state WHERE key='active'")
+            self._set_state(con, "promoted_at", str(time.time()))
+            con.execute("COMMIT")
+        self.counters["rollbacks"] += 1
+        log.warning("rolled back from %s to %s (%s)", active, target or "base", reason)
+        self.publish("rollback", {"from": active, "to": target or "base", "reason": reason})
+        return {"ok": True, "from": active, "to": target or "base"}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "active": self.active_version(),
+            "running": self._spec.version if self._proc is not None and self._spec else None,
+            "last_refusal": self._last_refusal,
+            **self.counters,
+        }
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel a running round and wait for the child; the active adapter is untouched."""
+        if self._proc is None:
+            return
+        self._cancel_file.touch()
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._proc = None
+        self._cancel_file.unlink(missing_ok=True)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _since_id(self) -> int:
+        return int(self._state("trained_through_id", "0") or 0)
+
+    def _training_reason(self, now: float) -> str | None:
+        since = self._since_id()
+        with self._db() as con:
+            new = con.execute("SELECT COUNT(*) FROM samples WHERE split='train' AND id > ?", (since,)).fetchone()[0]
+        acc, n_fb = self._live_accuracy(self.active_version())
+        accepted = self._promoted_accuracy(self.active_version())
+        inputs = policy.TriggerInputs(
+            new_samples=new,
+            feedback_accuracy=acc,
+            feedback_count=n_fb,
+            accepted_accuracy=accepted,
+            label_psi=self._label_psi() if self.settings.triggers.drift_enabled else None,
+            scheduled_due=self._schedule_due(now),
+            manual=self._manual,
+        )
+        return policy.training_reason(inputs, self.settings.triggers)
+
+    def _schedule_due(self, now: float) -> bool:
+        if not self.settings.schedule:
+            return False
+        t = time.gmtime(now)
+        key = f"{t.tm_year}-{t.tm_yday}-{t.tm_hour:02d}:{t.tm_min:02d}"
+        if f"{t.tm_hour:02d}:{t.tm_min:02d}" in self.settings.schedule and key != self._last_schedule_key:
+            self._last_schedule_key = key
+            return True
+        return False
+
+    def _live_accuracy(self, version: str | None, window: int = 500) -> tuple[float | None, int]:
+        """Accuracy of live predictions by ``version`` that received feedback (latest ``window``)."""
+        promoted_at = float(self._state("promoted_at", "0") or 0)
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT p.label = f.label AS ok FROM feedback f JOIN predictions p ON p.id = f.prediction_id "
+                "WHERE p.adapter_version IS ? AND f.received_at >= ? ORDER BY f.id DESC LIMIT ?",
+                (version, promoted_at, window),
+            ).fetchall()
+        if not rows:
+            return None, 0
+        return sum(r["ok"] for r in rows) / len(rows), len(rows)
+
+    def _promoted_accuracy(self, version: str | None) -> float | None:
+        if version is None:
+            return None
+        with self._db() as con:
+            row = con.execute("SELECT metrics FROM adapter_versions WHERE version=?", (version,)).fetchone()
+        if row is None or not row["metrics"]:
+            return None
+        return json.loads(row["metrics"]).get("candidate", {}).get("all", {}).get("accuracy")
+
+    def _label_psi(self, window: int = 1000) -> float | None:
+        with self._db() as con:
+            rows = con.execute("SELECT label FROM predictions ORDER BY created_at DESC LIMIT ?", (2 * window,)).fetchall()
+        if len(rows) < 2 * min(window, 100):
+            return None
+        half = len(rows) // 2
+        recent: dict[str, int] = {}
+        ref: dict[str, int] = {}
+        for i, r in enumerate(rows):
+            bucket = recent if i < half else ref
+            bucket[r["label"]] = bucket.get(r["label"], 0) + 1
+        return policy.population_stability_index(ref, recent)
+
+    def _check_rollback(self) -> None:
+        active = self.active_version()
+        if active is None:
+            return
+        acc, n = self._live_accuracy(active)
+        reason = policy.rollback_reason(acc, n, self._promoted_accuracy(active), self.settings.rollback)
+        if reason:
+            self.rollback(None, reason=f"auto: {reason}")
+
+    def _resources(self) -> policy.Resources:
+        temps: list[float] = []
+        try:
+            for entries in (psutil.sensors_temperatures() or {}).values():
+                temps += [e.current for e in entries if e.current]
+        except (AttributeError, OSError):
+            pass
+        stats = self.engine.stats()
+        return policy.Resources(
+            cpu_percent=psutil.cpu_percent(interval=None),
+            free_memory_mb=psutil.virtual_memory().available / 2**20,
+            max_temperature_c=max(temps) if temps else None,
+            inference_p99_ms=float(stats.get("p99_ms", 0.0)),
+            inference_queue=int(stats.get("queue_depth", 0)),
+        )
+
+    def _update_pause(self) -> None:
+        busy = int(self.engine.stats().get("queue_depth", 0)) > 0
+        if busy:
+            self._pause_file.touch()
+        else:
+            self._pause_file.unlink(missing_ok=True)
+
+    def _start_round(self, reason: str) -> None:
+        active = self.active_version()
+        version = f"v{int(time.time())}-{self.counters['rounds'] + 1}"
+        s = self.settings
+        anchor = self.anchor_dir()
+        spec = RoundSpec(
+            db_path=str(self.db_path),
+            bundle_dir=str(self.bundle_dir),
+            out_dir=str(self.work_dir / f"candidate-{version}"),
+            result_path=str(self.work_dir / f"result-{version}.json"),
+            version=version,
+            parent_dir=str(self.adapters_dir / active) if active else None,
+            anchor_dir=str(anchor) if anchor else None,
+            precision=self.engine.precision if self.engine.precision in ("fp32", "int8") else "fp32",
+            max_train_samples=s.max_train_samples,
+            replay_fraction=s.replay_fraction,
+            since_sample_id=self._since_id(),
+            epochs=s.epochs,
+            lr=s.lr,
+            batch_size=s.batch_size,
+            anchor_lambda=s.anchor_lambda,
+            time_budget_s=s.time_budget_s,
+            threads=s.threads,
+            pause_file=str(self._pause_file),
+            cancel_file=str(self._cancel_file),
+        )
+        self._cancel_file.unlink(missing_ok=True)
+        proc = mp.get_context("spawn").Process(
+            target=run_round_process, args=(json.dumps(asdict(spec)),), name=f"learner-{version}", daemon=True
+        )
+        proc.start()
+        self._proc, self._spec, self._manual = proc, spec, False
+        self.counters["rounds"] += 1
+        log.info("learner round %s started (%s), parent %s, pid %s", version, reason, active, proc.pid)
+        self.publish("round_started", {"version": version, "reason": reason, "parent": active})
+
+    def _finish_round(self) -> None:
+        proc, spec = self._proc, self._spec
+        assert proc is not None and spec is not None
+        proc.join(1)
+        self._proc, self._spec = None, None
+        self._last_round_end = time.time()
+        self._pause_file.unlink(missing_ok=True)
+        self._cancel_file.unlink(missing_ok=True)
+        result_path = Path(spec.result_path)
+        candidate_dir = Path(spec.out_dir)
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, ValueError):
+            result = {"status": "failed", "message": f"learner exited with code {proc.exitcode} and no result"}
+        result_path.unlink(missing_ok=True)
+        status = result.get("status")
+        if status != "trained":
+            key = {"cancelled": "cancelled", "no_data": "cancelled"}.get(status, "failed")
+            self.counters[key] += 1
+            shutil.rmtree(candidate_dir, ignore_errors=True)
+            log.warning("learner round %s: %s %s", spec.version, status, result.get("message", ""))
+            self.publish("round_finished", {"version": spec.version, "status": status, "message": result.get("message")})
+            return
+        candidate = {k: report_from_dict(v) for k, v in result["candidate"].items()}
+        active = {k: report_from_dict(v) for k, v in result["active"].items()}
+        gate_slices = {k: v for k, v in candidate.items() if k in ("older", "recent")}
+        decision = policy.promotion_decision(gate_slices, active, self.settings.gate)
+        metrics = {"candidate": result["candidate"], "active": result["active"], "steps": result.get("steps"),
+                   "seconds": result.get("seconds"), "peak_rss_mb": result.get("peak_rss_mb")}
+        self._register(spec, result, decision, metrics, candidate_dir)
+        self.publish(
+            "round_finished",
+            {"version": spec.version, "status": "promoted" if decision.promote else "rejected",
+             "reasons": decision.reasons, "candidate_accuracy": candidate.get("all", policy.EvalReport(0, {}, 0)).accuracy,
+             "active_accuracy": active.get("all", policy.EvalReport(0, {}, 0)).accuracy},
+        )
+
+    def _register(self, spec: RoundSpec, result: dict[str, Any], decision: policy.GateDecision,
+                  metrics: dict[str, Any], candidate_dir: Path) -> None:
+        now = time.time()
+        final_dir = self.adapters_dir / spec.version
+        parent = Path(spec.parent_dir).name if spec.parent_dir else None
+        if decision.promote:
+            os.replace(candidate_dir, final_dir)
+            try:
+                self.engine.activate_adapter(final_dir)
+            except AdapterError as e:
+                decision = policy.GateDecision(False, [f"activation failed: {e}"])
+        status = "promoted" if decision.promote else "rejected"
+        with self._db() as con:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute(
+                "INSERT INTO adapter_versions(version, parent, path, status, reason, metrics, data_from_id, data_to_id,"
+                " n_new, n_replay, created_at, promoted_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (spec.version, parent, str(final_dir), status, "; ".join(decision.reasons) or None, json.dumps(metrics),
+                 spec.since_sample_id, result.get("max_sample_id"), result.get("n_new"), result.get("n_replay"),
+                 now, now if decision.promote else None),
+            )
+            # Samples seen by this round count as trained, promoted or not: a refused candidate
+            # must not re-trigger on the same data forever.
+            self._set_state(con, "trained_through_id", str(result.get("max_sample_id", spec.since_sample_id)))
+            if decision.promote:
+                if parent:
+                    con.execute("UPDATE adapter_versions SET status='retired' WHERE version=? AND status='promoted'", (parent,))
+                self._set_state(con, "active", spec.version)
+                self._set_state(con, "promoted_at", str(now))
+            con.execute("COMMIT")
+        if decision.promote:
+            self.counters["promoted"] += 1
+            log.info("adapter %s promoted (parent %s)", spec.version, parent)
+            self._prune()
+        else:
+            self.counters["rejected"] += 1
+            shutil.rmtree(candidate_dir, ignore_errors=True)
+            if final_dir.exists() and not decision.promote:
+                shutil.rmtree(final_dir, ignore_errors=True)
+            log.warning("adapter %s rejected by the gate: %s", spec.version, "; ".join(decision.reasons))
+
+    def _prune(self) -> None:
+        """Bounded history: keep the newest ``keep_versions`` promoted/retired adapters on disk."""
+        active = self.active_version()
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT version, path FROM adapter_versions WHERE status IN ('retired','rolled_back') ORDER BY created_at DESC"
+            ).fetchall()
+        for row in rows[self.settings.keep_versions :]:
+            if row["version"] != active:
+                shutil.rmtree(row["path"], ignore_errors=True)

@@ -1,0 +1,197 @@
+"""Pure decisions of the learner: when to train, whether resources allow it, whether to promote,
+when to roll back. Typed inputs, no I/O: tested with plain numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+# ---- triggers -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TriggerInputs:
+    new_samples: int  # labeled samples stored since the last round started
+    feedback_accuracy: float | None  # rolling accuracy of live predictions judged by feedback
+    feedback_count: int
+    accepted_accuracy: float | None  # holdout accuracy of the active adapter when it was promoted
+    label_psi: float | None  # population stability index of recent predicted labels vs reference
+    scheduled_due: bool = False
+    manual: bool = False
+
+
+@dataclass(frozen=True)
+class TriggerPolicy:
+    min_new_samples: int = 200
+    accuracy_drop: float = 0.05
+    min_feedback: int = 50
+    drift_enabled: bool = False
+    drift_threshold: float = 0.2
+
+
+def training_reason(x: TriggerInputs, p: TriggerPolicy) -> str | None:
+    """Why a round should start now, or None. Manual first, then data, accuracy, drift, schedule."""
+    if x.manual:
+        return "manual"
+    if x.new_samples >= p.min_new_samples:
+        return f"new_samples:{x.new_samples}"
+    if (
+        x.feedback_accuracy is not None
+        and x.accepted_accuracy is not None
+        and x.feedback_count >= p.min_feedback
+        and x.feedback_accuracy < x.accepted_accuracy - p.accuracy_drop
+        and x.new_samples > 0
+    ):
+        return f"accuracy_drop:{x.accepted_accuracy:.3f}->{x.feedback_accuracy:.3f}"
+    if p.drift_enabled and x.label_psi is not None and x.label_psi >= p.drift_threshold and x.new_samples > 0:
+        return f"drift:psi={x.label_psi:.3f}"
+    if x.scheduled_due and x.new_samples > 0:
+        return "schedule"
+    return None
+
+
+def population_stability_index(reference: Mapping[str, int], recent: Mapping[str, int], eps: float = 1e-4) -> float:
+    """PSI of two label histograms: sum (q - p) ln(q / p). About 0.1 is a shift, 0.25 a large one."""
+    labels = set(reference) | set(recent)
+    n_ref, n_rec = sum(reference.values()), sum(recent.values())
+    if n_ref == 0 or n_rec == 0:
+        return 0.0
+    psi = 0.0
+    for lab in labels:
+        p = max(reference.get(lab, 0) / n_ref, eps)
+        q = max(recent.get(lab, 0) / n_rec, eps)
+        psi += (q - p) * math.log(q / p)
+    return psi
+
+
+# ---- resource guard -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu_percent: float
+    free_memory_mb: float
+    max_temperature_c: float | None
+    inference_p99_ms: float
+    inference_queue: int
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    max_cpu_percent: float = 70.0
+    min_free_memory_mb: float = 1024.0
+    max_temperature_c: float = 80.0
+    max_inference_p99_ms: float = 250.0
+    max_inference_queue: int = 8
+
+
+def resource_refusal(r: Resources, lim: ResourceLimits) -> str | None:
+    """Why the learner may not start (or must pause) now, or None when it may run."""
+    if r.free_memory_mb < lim.min_free_memory_mb:
+        return f"free memory {r.free_memory_mb:.0f} MB < {lim.min_free_memory_mb:.0f} MB"
+    if r.cpu_percent > lim.max_cpu_percent:
+        return f"cpu {r.cpu_percent:.0f}% > {lim.max_cpu_percent:.0f}%"
+    if r.max_temperature_c is not None and r.max_temperature_c > lim.max_temperature_c:
+        return f"temperature {r.max_temperature_c:.0f} C > {lim.max_temperature_c:.0f} C"
+    if r.inference_p99_ms > lim.max_inference_p99_ms:
+        return f"inference p99 {r.inference_p99_ms:.0f} ms > {lim.max_inference_p99_ms:.0f} ms"
+    if r.inference_queue > lim.max_inference_queue:
+        return f"inference queue {r.inference_queue} > {lim.max_inference_queue}"
+    return None
+
+
+# ---- promotion gate -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Accuracy of one adapter on one holdout slice."""
+
+    accuracy: float
+    per_class: dict[str, float]
+    count: int
+    per_class_count: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reasons: list[str]
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    epsilon: float = 0.005  # overall accuracy may not fall by more than this
+    delta: float = 0.05  # no class may fall by more than this
+    min_class_count: int = 5  # classes with fewer holdout rows are too noisy to veto alone
+    min_gain: float = 0.0  # promote only when at least this much better on the recent slice
+
+
+def promotion_decision(
+    candidate: Mapping[str, EvalReport], active: Mapping[str, EvalReport], p: GatePolicy
+) -> GateDecision:
+    """Promote only without regression: on every slice (e.g. recent, older), overall within
+    ``epsilon`` and no class worse by more than ``delta``; and not worse on the recent slice."""
+    reasons: list[str] = []
+    for slice_name, cand in candidate.items():
+        act = active.get(slice_name)
+        if act is None or cand.count == 0:
+            continue
+        if cand.accuracy < act.accuracy - p.epsilon:
+            reasons.append(f"{slice_name}: accuracy {cand.accuracy:.3f} < active {act.accuracy:.3f} - {p.epsilon}")
+        for label, acc in cand.per_class.items():
+            if cand.per_class_count.get(label, p.min_class_count) < p.min_class_count:
+                continue
+            before = act.per_class.get(label)
+            if before is not None and acc < before - p.delta:
+                reasons.append(f"{slice_name}: class {label} {acc:.3f} < active {before:.3f} - {p.delta}")
+    recent_c, recent_a = candidate.get("recent"), active.get("recent")
+    if (
+        p.min_gain > 0
+        and recent_c is not None
+        and recent_a is not None
+        and recent_c.count
+        and recent_c.accuracy < recent_a.accuracy + p.min_gain - 1e-12
+    ):
+        reasons.append(f"recent: gain {recent_c.accuracy - recent_a.accuracy:.3f} < required {p.min_gain}")
+    return GateDecision(not reasons, reasons)
+
+
+def evaluate(predicted: Sequence[str], truth: Sequence[str]) -> EvalReport:
+    """Accuracy overall and per true class."""
+    if len(predicted) != len(truth):
+        raise ValueError("predicted and truth differ in length")
+    per_total: dict[str, int] = {}
+    per_ok: dict[str, int] = {}
+    for p, t in zip(predicted, truth, strict=True):
+        per_total[t] = per_total.get(t, 0) + 1
+        per_ok[t] = per_ok.get(t, 0) + (p == t)
+    n = len(truth)
+    return EvalReport(
+        accuracy=(sum(per_ok.values()) / n) if n else 0.0,
+        per_class={k: per_ok[k] / v for k, v in per_total.items()},
+        count=n,
+        per_class_count=dict(per_total),
+    )
+
+
+# ---- rollback -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RollbackPolicy:
+    min_feedback: int = 50
+    max_drop: float = 0.05
+
+
+def rollback_reason(
+    live_accuracy: float | None, live_count: int, promoted_accuracy: float | None, p: RollbackPolicy
+) -> str | None:
+    """Roll back when live accuracy from feedback on the new adapter falls below what it promised."""
+    if live_accuracy is None or promoted_accuracy is None or live_count < p.min_feedback:
+        return None
+    if live_accuracy < promoted_accuracy - p.max_drop:
+        return f"live accuracy {live_accuracy:.3f} over {live_count} feedback < promoted {promoted_accuracy:.3f} - {p.max_drop}"
+    return None

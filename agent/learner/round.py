@@ -1,0 +1,220 @@
+"""A training round as it runs in the learner process: data from SQLite, training, evaluation.
+
+The daemon spawns ``run_round_process`` (multiprocessing "spawn": a fresh interpreter, so torch
+never enters the serving process), at low priority with its own thread budget. The child reads the
+database read-only, trains a candidate, evaluates candidate and active adapter on the holdout with
+the *serving* runtime (ONNX Runtime, same precision as the engine), and writes a result JSON. The
+daemon applies the promotion gate (``agent.learner.policy``) and swaps. Killing the child at any
+point leaves the active adapter and the database untouched: it writes only into its own
+candidate directory and result file, each renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.learner.policy import EvalReport, evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    db_path: str
+    bundle_dir: str
+    out_dir: str  # candidate adapter directory (written atomically)
+    result_path: str
+    version: str
+    parent_dir: str | None = None  # active adapter: training continues from it
+    anchor_dir: str | None = None  # fleet (global) adapter for the lambda pull; default: the parent
+    precision: str = "fp32"  # what the engine serves: evaluation uses the same graph
+    max_train_samples: int = 4000
+    replay_fraction: float = 0.5  # share of the training set drawn from older samples
+    since_sample_id: int = 0  # samples with a larger id are "new"
+    val_fraction: float = 0.1
+    epochs: int = 8
+    lr: float = 1e-3
+    batch_size: int = 16
+    anchor_lambda: float = 1e-3
+    time_budget_s: float | None = 600.0
+    threads: int = 1
+    nice: int = 10
+    seed: int = 0
+    pause_file: str | None = None  # present while the daemon wants the learner to yield
+    cancel_file: str | None = None  # present when the round must stop
+
+
+@dataclass
+class RoundResult:
+    status: str  # "trained" | "cancelled" | "failed" | "no_data"
+    version: str
+    message: str = ""
+    n_new: int = 0
+    n_replay: int = 0
+    max_sample_id: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    candidate: dict[str, dict[str, Any]] = field(default_factory=dict)
+    active: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def read_training_set(
+    db_path: str, labels: list[str], since_id: int, max_samples: int, replay_fraction: float, seed: int
+) -> tuple[list[str], list[str], int, int, int]:
+    """New train-split samples plus a class-balanced replay of older ones.
+
+    Replay draws equally per label from samples at or before ``since_id`` (a reservoir over the
+    whole history, not just the last round), so rare classes are not forgotten.
+    Returns texts, labels, number new, number replayed, the largest sample id seen.
+    """
+    rng = np.random.default_rng(seed)
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        known = set(labels)
+        new = con.execute(
+            "SELECT id, text, label FROM samples WHERE split='train' AND id > ? ORDER BY id DESC LIMIT ?",
+            (since_id, max_samples),
+        ).fetchall()
+        max_id = con.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()[0]
+        n_replay = int(len(new) * replay_fraction / max(1e-9, 1 - replay_fraction)) if replay_fraction < 1 else 0
+        replay: list[tuple[int, str, str]] = []
+        if n_replay and since_id > 0:
+            per_label = max(1, n_replay // max(1, len(labels)))
+            for lab in labels:
+                replay += con.execute(
+                    "SELECT id, text, label FROM samples WHERE split='train' AND id <= ? AND label = ? "
+                    "ORDER BY RANDOM() LIMIT ?",
+                    (since_id, lab, per_label),
+                ).fetchall()
+    finally:
+        con.close()
+    rows = [r for r in new + replay if r[2] in known]
+    order = rng.permutation(len(rows))
+    texts = [rows[i][1] for i in order]
+    labs = [rows[i][2] for i in order]
+    return texts, labs, len(new), len(replay), int(max_id)
+
+
+def read_holdout(db_path: str, labels: list[str], limit: int = 4000) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Holdout rows split in two by age: the older half and the recent half (the gate checks both)."""
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute(
+            "SELECT text, label FROM samples WHERE split='holdout' ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+    finally:
+        con.close()
+    rows = [r for r in reversed(rows) if r[1] in set(labels)]
+    half = len(rows) // 2
+    return rows[:half], rows[half:]
+
+
+def evaluate_adapter(bundle_dir: str, adapter_dir: str | None, precision: str, slices: dict[str, list[tuple[str, str]]]) -> dict[str, EvalReport]:
+    """Accuracy per slice with the serving runtime (ONNX Runtime), as the box would answer."""
+    from agent.engine import EngineConfig, InferenceEngine
+
+    cfg = EngineConfig(precision=precision, provider="cpu", cache_size=0, intra_op_threads=1)
+    adapter = Path(adapter_dir) if adapter_dir else None
+    with InferenceEngine.open(Path(bundle_dir), cfg, adapter_dir=adapter) as engine:
+        out = {}
+        for name, rows in slices.items():
+            if not rows:
+                continue
+            preds = engine.predict([t for t, _ in rows], timeout=600)
+            out[name] = evaluate([p.label for p in preds], [lab for _, lab in rows])
+    return out
+
+
+def run_round(spec: RoundSpec) -> RoundResult:
+    from agent.bundle import load_manifest
+    from agent.learner.train import TrainConfig, TrainingCancelled, train_adapter
+
+    labels = load_manifest(Path(spec.bundle_dir)).labels
+    texts, labs, n_new, n_replay, max_id = read_training_set(
+        spec.db_path, labels, spec.since_sample_id, spec.max_train_samples, spec.replay_fraction, spec.seed
+    )
+    result = RoundResult("no_data", spec.version, n_new=n_new, n_replay=n_replay, max_sample_id=max_id)
+    if n_new == 0:
+        result.message = "no new labeled samples"
+        return result
+    n_val = int(len(texts) * spec.val_fraction) if len(texts) >= 50 else 0
+    val = (texts[:n_val], labs[:n_val]) if n_val else None
+    cancel = Path(spec.cancel_file) if spec.cancel_file else None
+    pause = Path(spec.pause_file) if spec.pause_file else None
+
+    def wait_if_paused() -> None:
+        # Inference has priority: while the daemon is busy it drops a pause file and we yield
+        # between steps (bounded, so a stuck file cannot stall a round forever).
+        waited = 0.0
+        while pause is not None and pause.exists() and waited < 30.0:
+            time.sleep(0.05)
+            waited += 0.05
+
+    try:
+        tr = train_adapter(
+            Path(spec.bundle_dir),
+            texts[n_val:],
+            labs[n_val:],
+            Path(spec.out_dir),
+            spec.version,
+            TrainConfig(
+                epochs=spec.epochs,
+                lr=spec.lr,
+                batch_size=spec.batch_size,
+                seed=spec.seed,
+                threads=spec.threads,
+                time_budget_s=spec.time_budget_s,
+                anchor_lambda=spec.anchor_lambda,
+            ),
+            init_adapter=Path(spec.parent_dir) if spec.parent_dir else None,
+            parent=Path(spec.parent_dir).name if spec.parent_dir else None,
+            anchor_adapter=Path(spec.anchor_dir) if spec.anchor_dir else None,
+            val=val,
+            should_stop=(lambda: cancel.exists()) if cancel is not None else None,
+            wait_if_paused=wait_if_paused,
+        )
+    except TrainingCancelled as e:
+        result.status, result.message = "cancelled", str(e)
+        return result
+    older, recent = read_holdout(spec.db_path, labels)
+    slices = {"older": older, "recent": recent, "all": older + recent}
+    result.candidate = {k: asdict(v) for k, v in evaluate_adapter(spec.bundle_dir, spec.out_dir, spec.precision, slices).items()}
+    result.active = {k: asdict(v) for k, v in evaluate_adapter(spec.bundle_dir, spec.parent_dir, spec.precision, slices).items()}
+    result.status, result.steps, result.seconds = "trained", tr.steps, tr.seconds
+    return result
+
+
+def run_round_process(spec_json: str) -> None:
+    """Entry point of the spawned learner process."""
+    import resource
+
+    spec = RoundSpec(**json.loads(spec_json))
+    os.nice(spec.nice)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(spec.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s learner: %(message)s")
+    start = time.perf_counter()
+    try:
+        result = run_round(spec)
+    except Exception as e:  # noqa: BLE001 - the parent must get a result, whatever broke
+        log.exception("round %s failed", spec.version)
+        result = RoundResult("failed", spec.version, message=f"{type(e).__name__}: {e}")
+    result.seconds = result.seconds or time.perf_counter() - start
+    result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    tmp = Path(spec.result_path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(result)))
+    os.replace(tmp, spec.result_path)
+
+
+def report_from_dict(d: dict[str, Any]) -> EvalReport:
+    return EvalReport(d["accuracy"], dict(d["per_class"]), int(d["count"]), dict(d.get("per_class_count", {})))
