@@ -1,0 +1,137 @@
+"""On-box learning with real parts: SQLite store, spawned torch+peft learner, ORT engine, tiny BERT."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import time
+
+import pytest
+
+from agent.engine import EngineConfig, InferenceEngine
+from agent.learner import policy
+from agent.learner.manager import LearnerManager, LearnerSettings
+from agent.store import NewSample, Store
+
+# A keyword task the tiny random BERT can learn in a few seconds.
+WORDS = {
+    "electrical": ["breaker tripped", "fuse blown", "short circuit", "earth fault"],
+    "mechanical": ["bearing noise", "belt worn", "gear backlash", "shaft misaligned"],
+    "thermal": ["overheating", "temperature high", "fan failed hot", "thermal alarm"],
+    "normal": ["cycle complete", "shift handover", "all ok", "production started"],
+}
+
+
+def make_samples(n: int, seed: int, shuffle_labels: bool = False) -> list[NewSample]:
+    rng = random.Random(seed)
+    labels = list(WORDS)
+    out = []
+    for i in range(n):
+        label = rng.choice(labels)
+        text = f"{rng.choice(WORDS[label])} on machine M{rng.randint(1, 40)} line {rng.randint(1, 5)}"
+        out.append(NewSample(key=f"s{seed}-{i}", text=text, label=rng.choice(labels) if shuffle_labels else label))
+    return out
+
+
+def wait_round(manager: LearnerManager, timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    manager.tick()
+    while manager.status()["running"] and time.time() < deadline:
+        time.sleep(0.2)
+        manager.tick()
+    assert manager.status()["running"] is None, "round did not finish in time"
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_bundle):
+    store = Store(tmp_path / "edge-agent.db").open()
+    engine = InferenceEngine.open(tiny_bundle, EngineConfig(precision="fp32", cache_size=0))
+    settings = LearnerSettings(
+        triggers=policy.TriggerPolicy(min_new_samples=150),
+        limits=policy.ResourceLimits(max_cpu_percent=100, min_free_memory_mb=0, max_inference_p99_ms=1e9),
+        gate=policy.GatePolicy(epsilon=0.01, delta=0.1),
+        epochs=8, lr=5e-3, min_interval_s=0, threads=1, anchor_lambda=1e-4,
+    )
+    events = []
+    manager = LearnerManager(db_path=store.path, bundle_dir=tiny_bundle, data_dir=tmp_path, engine=engine,
+                             settings=settings, publish=lambda e, b: events.append((e, b)))
+    yield store, engine, manager, events
+    manager.stop()
+    engine.close()
+    store.close()
+
+
+def holdout_accuracy(store, engine) -> float:
+    rows = store.db.conn.execute("SELECT text, label FROM samples WHERE split='holdout'").fetchall()
+    preds = engine.predict([t for t, _ in rows])
+    return sum(p.label == lab for p, (_, lab) in zip(preds, rows, strict=True)) / len(rows)
+
+
+def test_learns_promotes_refuses_bad_candidate_and_rolls_back(setup):
+    store, engine, manager, events = setup
+    store.write(make_samples(400, seed=1), holdout_fraction=0.2)
+    base_acc = holdout_accuracy(store, engine)
+    before = engine.predict(["breaker tripped on machine M3 line 2"])[0]
+
+    wait_round(manager)  # 400 new samples >= 150: the data trigger starts a round
+    first = manager.active_version()
+    assert first is not None, events
+    assert engine.adapter_version == first
+    learned_acc = holdout_accuracy(store, engine)
+    assert learned_acc > base_acc + 0.2 and learned_acc > 0.7
+    after = engine.predict(["breaker tripped on machine M3 line 2"])[0]
+    assert after.adapter_version == first and after.label == "electrical" and before.adapter_version is None
+    assert [e for e, _ in events] == ["round_started", "round_finished"]
+
+    # A candidate trained on shuffled labels must be refused; the active adapter stays. Replay
+    # and the lambda pull are off so that the bad data really damages the candidate.
+    manager.settings.replay_fraction, manager.settings.anchor_lambda, manager.settings.lr = 0.0, 0.0, 2e-2
+    store.write(make_samples(400, seed=2, shuffle_labels=True), holdout_fraction=0.2)
+    assert manager.train_now()["ok"]
+    wait_round(manager)
+    assert manager.active_version() == first and engine.adapter_version == first
+    rejected = [v for v in manager.versions() if v["status"] == "rejected"]
+    assert len(rejected) == 1 and "older" in rejected[0]["reason"]
+    assert events[-1][1]["status"] == "rejected"
+
+    # Rollback to the base, then forward again to the kept version.
+    assert manager.rollback()["to"] == "base"
+    assert engine.adapter_version is None and manager.active_version() is None
+    assert manager.rollback(first)["ok"]
+    assert engine.adapter_version == first and manager.active_version() == first
+    assert manager.rollback("no-such-version")["ok"] is False
+
+
+def test_learner_killed_mid_round_leaves_adapter_and_db_intact(setup, tmp_path):
+    store, engine, manager, events = setup
+    store.write(make_samples(300, seed=3), holdout_fraction=0.2)
+    wait_round(manager)
+    active = manager.active_version()
+    assert active is not None
+    store.write(make_samples(300, seed=4), holdout_fraction=0.2)
+    assert manager.train_now()["ok"]
+    time.sleep(3.0)  # inside torch import or training
+    os.kill(manager._proc.pid, signal.SIGKILL)
+    wait_round(manager, timeout=30)
+    assert manager.counters["failed"] == 1
+    assert manager.active_version() == active and engine.adapter_version == active
+    assert engine.predict(["fuse blown on machine M1 line 1"])[0].adapter_version == active
+    con = sqlite3.connect(store.path)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("SELECT COUNT(*) FROM samples").fetchone()[0] == 600
+    # The next round still sees the 300 samples the killed one never finished with.
+    assert manager.train_now()["ok"]
+    wait_round(manager)
+    assert manager.counters["promoted"] + manager.counters["rejected"] == 2
+
+
+def test_restart_restores_the_promoted_adapter(setup, tiny_bundle, tmp_path):
+    store, engine, manager, _ = setup
+    store.write(make_samples(300, seed=5), holdout_fraction=0.2)
+    wait_round(manager)
+    active = manager.active_version()
+    with InferenceEngine.open(tiny_bundle, EngineConfig(precision="fp32")) as fresh:
+        again = LearnerManager(db_path=store.path, bundle_dir=tiny_bundle, data_dir=tmp_path, engine=fresh)
+        assert again.restore_active() == active and fresh.adapter_version == active
