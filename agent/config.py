@@ -18,9 +18,9 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from agent.topics import SEGMENT_PATTERN
 
@@ -28,7 +28,12 @@ CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # TOML has types: "1883" for a port is a mistake worth reporting, not coercing.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# Paths are the one exception to strictness: TOML gives strings.
+FsPath = Annotated[Path, Strict(False)]
 
 
 class _RuntimeSection(BaseModel):
@@ -40,9 +45,9 @@ class _RuntimeSection(BaseModel):
 
 
 class TlsConfig(_Section):
-    ca_file: Path = Field(description="PEM file of the CA that signed the broker's certificate")
-    cert_file: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
-    key_file: Path | None = Field(None, description="private key (PEM) of cert_file")
+    ca_file: FsPath = Field(description="PEM file of the CA that signed the broker's certificate")
+    cert_file: FsPath | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    key_file: FsPath | None = Field(None, description="private key (PEM) of cert_file")
 
     @model_validator(mode="after")
     def _cert_and_key_together(self) -> TlsConfig:
@@ -62,7 +67,7 @@ class BrokerConfig(_Section):
         "(default: edge-agent-{site}-{device})",
     )
     username: str | None = Field(None, min_length=1, description="user name, if the broker wants one")
-    password_file: Path | None = Field(
+    password_file: FsPath | None = Field(
         None, description="file whose first line is the password (not with password_credential)"
     )
     password_credential: str | None = Field(
@@ -134,7 +139,7 @@ class EngineSettings(_Section):
     intra_op_threads: int | None = Field(
         None, ge=1, le=256, description="ONNX Runtime intra-op threads (default: physical cores)"
     )
-    adapter_dir: Path | None = Field(
+    adapter_dir: FsPath | None = Field(
         None, description="LoRA adapter directory to activate at start (the learner issue manages these)"
     )
 
@@ -160,8 +165,8 @@ class StoreBootstrap(_Section):
 class BootstrapConfig(_Section):
     site: str = Field(pattern=SEGMENT_PATTERN, description="plant id: the {site} level of every topic")
     device: str = Field(pattern=SEGMENT_PATTERN, description="box id: the {device} level of every topic")
-    data_dir: Path = Field(description="writable directory for the SQLite store and snapshots")
-    bundle: Path = Field(description="model bundle directory (built by `edge-agent model build`)")
+    data_dir: FsPath = Field(description="writable directory for the SQLite store and snapshots")
+    bundle: FsPath = Field(description="model bundle directory (built by `edge-agent model build`)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     broker: BrokerConfig = Field(description="MQTT broker connection")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="inference engine set-up")

@@ -79,29 +79,21 @@ def error_payload(code: ErrorCode, message: str, request_id: str | None = None, 
 # ---- field types ----------------------------------------------------------------------------
 
 
-def _utf8_clean(value: str) -> str:
-    # JSON escapes can carry unpaired surrogates ("\ud800"): SQLite and the tokenizer cannot take them.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("contains an unpaired UTF-16 surrogate") from None
+def _no_nul(value: str) -> str:
+    # Unpaired surrogates ("\ud800" escapes) pydantic rejects itself; NUL cuts C strings short.
     if "\x00" in value:
         raise ValueError("contains a NUL character")
     return value
 
 
-def _not_blank(value: str) -> str:
+def _clean_text(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be blank")
-    return value
+    return _no_nul(value)
 
 
-Text = Annotated[
-    str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_utf8_clean), AfterValidator(_not_blank)
-]
-Label = Annotated[
-    str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS), AfterValidator(_utf8_clean), AfterValidator(_not_blank)
-]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_clean_text)]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS), AfterValidator(_clean_text)]
 # Printable ASCII without spaces: ids end up in logs, topics of replies and SQLite keys.
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[!-~]+$")]
 Timestamp = Annotated[float, Field(ge=0, le=1e11, description="seconds since the epoch")]
@@ -132,7 +124,7 @@ class Event(_Message):
     )
     text: Text = Field(description="the record to classify")
     ts: Timestamp | None = Field(None, description="when the record was made")
-    source: Annotated[str, StringConstraints(max_length=128), AfterValidator(_utf8_clean)] | None = Field(
+    source: Annotated[str, StringConstraints(max_length=128), AfterValidator(_no_nul)] | None = Field(
         None, description="machine or gateway that produced the record"
     )
 
@@ -192,6 +184,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# One decoder for every message (json.loads with hooks would build a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _depth(value: Any, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
@@ -214,12 +210,13 @@ def decode_json(payload: bytes, limit: int) -> Any:
     except UnicodeDecodeError as e:
         raise MessageError(ErrorCode.INVALID_UTF8, f"payload is not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = _DECODER.decode(text)
     except RecursionError:
         raise MessageError(ErrorCode.INVALID_JSON, "payload nests too deeply") from None
     except ValueError as e:
         raise MessageError(ErrorCode.INVALID_JSON, f"payload is not JSON: {e}") from None
-    if not _depth(value, MAX_JSON_DEPTH):
+    # Nesting needs a bracket per level: only a payload with many of them can be too deep.
+    if payload.count(b"[") + payload.count(b"{") > MAX_JSON_DEPTH and not _depth(value, MAX_JSON_DEPTH):
         raise MessageError(ErrorCode.INVALID_JSON, f"payload nests deeper than {MAX_JSON_DEPTH} levels")
     return value
 
@@ -236,7 +233,6 @@ def request_id(value: Any) -> str | None:
 def parse(kind: Kind, payload: bytes) -> Parsed:
     """Validate one inbound payload. Raises MessageError, and nothing else."""
     value = decode_json(payload, MAX_PAYLOAD_BYTES[kind])
-    rid = request_id(value)
     if kind is Kind.CONFIG:
         try:
             return parse_runtime(value)
@@ -248,7 +244,7 @@ def parse(kind: Kind, payload: bytes) -> Parsed:
         return MODELS[kind].model_validate(value)  # type: ignore[return-value]
     except ValidationError as e:
         errors = format_errors(e)
-        raise MessageError(ErrorCode.INVALID_PAYLOAD, "; ".join(errors), rid, errors) from None
+        raise MessageError(ErrorCode.INVALID_PAYLOAD, "; ".join(errors), request_id(value), errors) from None
 
 
 def event_id(event: Event, payload: bytes) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 
 PREFIX = "edge"
 # A topic level that is safe everywhere: no wildcards, separators, or '$'.
@@ -133,9 +134,8 @@ class Topics:
         return {self.topic(k.value): k for k in Kind}
 
     def kind_of(self, topic: str) -> Kind | None:
-        if not topic.startswith(self.base):
-            return None
-        try:
-            return Kind(topic[len(self.base) :])
-        except ValueError:
-            return None
+        return self._inbound.get(topic)
+
+    @cached_property
+    def _inbound(self) -> dict[str, Kind]:
+        return self.inbound()

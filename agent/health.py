@@ -1,0 +1,195 @@
+"""Health: counters, system figures (psutil, NVML when importable) and systemd notification.
+
+``sd_notify`` speaks the sd_notify datagram protocol over ``$NOTIFY_SOCKET`` directly: no
+dependency on libsystemd. NVML comes from the ``nvidia-ml-py`` package (module ``pynvml``) only
+when it is installed and a driver answers; without it telemetry reports ``gpu: null``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+class Counters:
+    """Thread-safe counters in named groups, e.g. ``rejected[invalid_json]``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def inc(self, group: str, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._groups[group][key] += n
+
+    def get(self, group: str, key: str) -> int:
+        with self._lock:
+            return self._groups.get(group, {}).get(key, 0)
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {g: dict(v) for g, v in self._groups.items()}
+
+
+# ---- systemd ----------------------------------------------------------------------------------
+
+
+def sd_notify(*states: str) -> bool:
+    """Send ``READY=1``, ``WATCHDOG=1``, ``STATUS=...``, ``STOPPING=1`` to systemd; False outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall("\n".join(states).encode())
+    except OSError as e:
+        log.warning("sd_notify to %s failed: %s", address, e)
+        return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WatchdogSec=), or None when the watchdog is off."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2e6 if value > 0 else None
+
+
+# ---- system figures ---------------------------------------------------------------------------
+
+
+class Nvml:
+    """GPU figures through NVML; ``available`` is False without the package or a driver."""
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        try:
+            import pynvml  # the nvidia-ml-py package; optional
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+        except Exception as e:  # ImportError, or NVMLError without a driver
+            log.debug("NVML not available: %s", e)
+
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None
+
+    def sample(self) -> list[dict[str, Any]] | None:
+        nv = self._nvml
+        if nv is None:
+            return None
+        gpus = []
+        try:
+            for i in range(nv.nvmlDeviceGetCount()):
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                util = nv.nvmlDeviceGetUtilizationRates(h)
+                mem = nv.nvmlDeviceGetMemoryInfo(h)
+                name = nv.nvmlDeviceGetName(h)
+                gpus.append(
+                    {
+                        "index": i,
+                        "name": name.decode() if isinstance(name, bytes) else name,
+                        "util_percent": util.gpu,
+                        "mem_used_mb": round(mem.used / 2**20, 1),
+                        "mem_total_mb": round(mem.total / 2**20, 1),
+                        "temperature_c": nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
+                    }
+                )
+        except Exception as e:
+            log.warning("NVML query failed: %s", e)
+            return None
+        return gpus
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:
+                log.debug("nvmlShutdown failed", exc_info=True)
+            self._nvml = None
+
+
+class SystemProbe:
+    """CPU, memory, disk (of the data directory), temperatures, this process, GPUs."""
+
+    def __init__(self, data_dir: Path):
+        self._data_dir = Path(data_dir)
+        self._process = psutil.Process()
+        self._nvml: Nvml | None = None
+        # The first cpu_percent() call only sets the reference point.
+        psutil.cpu_percent(interval=None)
+        self._process.cpu_percent(interval=None)
+
+    def sample(self, gpu: bool = True) -> dict[str, Any]:
+        vm = psutil.virtual_memory()
+        out: dict[str, Any] = {
+            "cpu_percent": psutil.cpu_percent(interval=None),
+            "load_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "memory": {
+                "total_mb": round(vm.total / 2**20, 1),
+                "available_mb": round(vm.available / 2**20, 1),
+                "percent": vm.percent,
+            },
+            "disk": self._disk(),
+            "temperatures_c": self._temperatures(),
+        }
+        with self._process.oneshot():
+            out["process"] = {
+                "rss_mb": round(self._process.memory_info().rss / 2**20, 1),
+                "cpu_percent": self._process.cpu_percent(interval=None),
+                "threads": self._process.num_threads(),
+            }
+        if gpu:
+            if self._nvml is None:
+                self._nvml = Nvml()
+            out["gpu"] = self._nvml.sample()
+        else:
+            out["gpu"] = None
+        return out
+
+    def _disk(self) -> dict[str, Any] | None:
+        path = next((p for p in (self._data_dir, *self._data_dir.parents) if p.exists()), None)
+        if path is None:
+            return None
+        du = psutil.disk_usage(str(path))
+        return {
+            "path": str(self._data_dir),
+            "total_mb": round(du.total / 2**20, 1),
+            "free_mb": round(du.free / 2**20, 1),
+            "percent": du.percent,
+        }
+
+    @staticmethod
+    def _temperatures() -> dict[str, float]:
+        read = getattr(psutil, "sensors_temperatures", None)
+        if read is None:
+            return {}
+        try:
+            sensors = read()
+        except (OSError, RuntimeError):
+            return {}
+        # The hottest reading per chip is what a guard or a dashboard wants.
+        return {chip: max(t.current for t in temps) for chip, temps in sensors.items() if temps}
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            self._nvml.close()

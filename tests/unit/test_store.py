@@ -1,0 +1,273 @@
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.store import (
+    HOLDOUT,
+    TRAIN,
+    NewFeedback,
+    NewPrediction,
+    NewSample,
+    Outcome,
+    RetentionLimits,
+    StorageError,
+    Store,
+    holdout_target,
+    retention_plan,
+)
+
+LIMITS = RetentionLimits(
+    max_samples=1_000_000,
+    max_sample_bytes=1 << 30,
+    holdout_fraction=0.1,
+    max_predictions=1_000_000,
+    prediction_retention_days=30,
+    max_feedback=1_000_000,
+)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "data" / "edge-agent.db", busy_timeout_ms=100).open()
+    yield s
+    s.close()
+
+
+def sample(i: int, label: str = "a", text: str | None = None) -> NewSample:
+    return NewSample(key=f"id:s{i}", sample_id=f"s{i}", text=text or f"text {i}", label=label)
+
+
+def prediction(pid: str, text: str = "t") -> NewPrediction:
+    return NewPrediction(id=pid, text=text, text_sha256="h", label="a", score=0.9, top_k=[("a", 0.9), ("b", 0.1)])
+
+
+def rows(store: Store, sql: str, params=()):
+    return store.db.conn.execute(sql, params).fetchall()
+
+
+# ---- schema -------------------------------------------------------------------------------------
+
+
+def test_open_migrates_once_and_uses_wal(tmp_path):
+    path = tmp_path / "x.db"
+    s = Store(path).open()
+    tables = set(s.db.table_names())
+    assert {"samples", "feedback", "predictions", "config_versions", "commands", "outbox"} <= tables
+    assert rows(s, "PRAGMA journal_mode")[0][0] == "wal"
+    s.close()
+    s2 = Store(path).open()  # second open: nothing pending, nothing re-created
+    assert [r[0] for r in rows(s2, "SELECT name FROM _sqlite_migrations")] == ["m001_initial"]
+    s2.close()
+
+
+def test_open_fails_cleanly_on_an_unusable_path(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(StorageError):
+        Store(tmp_path / "f" / "x.db").open()
+    bad = tmp_path / "garbage.db"
+    bad.write_bytes(b"not a database" * 100)
+    with pytest.raises(StorageError) as e:
+        Store(bad).open()
+    assert e.value.reason == "corrupt"
+
+
+def test_one_connection_per_thread(store):
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(store.db))
+    t.start()
+    t.join()
+    assert seen[0] is not store.db
+    assert seen[0].conn is not store.db.conn
+
+
+# ---- writes -------------------------------------------------------------------------------------
+
+
+def test_samples_are_stored_once(store):
+    assert store.write([sample(1), sample(2)], 0.1) == [Outcome.STORED, Outcome.STORED]
+    assert store.write([sample(1), sample(3), sample(3)], 0.1) == [Outcome.DUPLICATE, Outcome.STORED, Outcome.DUPLICATE]
+    assert rows(store, "SELECT count(*) FROM samples")[0][0] == 3
+    assert store.totals()["samples"] == 3
+
+
+def test_feedback_needs_a_known_prediction(store):
+    fb = NewFeedback(key="prediction:p1:b", prediction_id="p1", label="b")
+    assert store.write([fb], 0.1) == [Outcome.UNKNOWN_PREDICTION]
+    # the prediction earlier in the same transaction counts
+    assert store.write([prediction("p1"), fb, fb], 0.1) == [Outcome.STORED, Outcome.STORED, Outcome.DUPLICATE]
+    assert rows(store, "SELECT prediction_id, label FROM feedback") == [("p1", "b")]
+    assert store.write([prediction("p1")], 0.1) == [Outcome.DUPLICATE]
+
+
+def test_prediction_without_text(store):
+    p = NewPrediction(id="p", text=None, text_sha256="abc", label="a", score=0.5, top_k=[("a", 0.5)])
+    store.write([p], 0.1)
+    assert rows(store, "SELECT text, text_sha256, top_k FROM predictions") == [(None, "abc", '[["a", 0.5]]')]
+
+
+def test_failed_write_is_all_or_nothing(store, tmp_path):
+    store.write([sample(1)], 0.1)
+    other = sqlite3.connect(store.path)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    try:
+        with pytest.raises(StorageError) as e:
+            store.write([sample(2), sample(3)], 0.1)
+        assert e.value.reason == "locked"
+    finally:
+        other.rollback()
+        other.close()
+    assert store.totals()["samples"] == 1  # counters untouched by the failed write
+    assert store.write([sample(2), sample(3)], 0.1) == [Outcome.STORED, Outcome.STORED]
+    assert rows(store, "SELECT count(*) FROM samples")[0][0] == 3
+
+
+def test_disk_full_is_reported_and_rolled_back(store):
+    store.write([sample(0)], 0.1)
+    pages = rows(store, "PRAGMA page_count")[0][0]
+    store.db.conn.execute(f"PRAGMA max_page_count = {pages}")  # no room for one more page
+    with pytest.raises(StorageError) as e:
+        store.write([sample(i, text="x" * 3000) for i in range(1, 50)], 0.1)
+    assert e.value.reason == "disk_full"
+    assert rows(store, "SELECT count(*) FROM samples")[0][0] == 1
+
+
+# ---- holdout ------------------------------------------------------------------------------------
+
+
+def test_holdout_target_rounds_to_nearest():
+    assert [holdout_target(n, 0.1) for n in (0, 1, 4, 5, 14, 15, 100)] == [0, 0, 0, 1, 1, 2, 10]
+    assert holdout_target(10, 0.0) == 0
+
+
+@given(labels=st.lists(st.sampled_from("abc"), min_size=1, max_size=300), fraction=st.sampled_from([0.0, 0.1, 0.25, 0.5]))
+def test_holdout_is_stratified_by_label(tmp_path_factory, labels, fraction):
+    s = Store(tmp_path_factory.mktemp("h") / "x.db").open()
+    try:
+        # in several transactions, as the writer would
+        for start in range(0, len(labels), 7):
+            s.write([sample(i, lab) for i, lab in enumerate(labels) if start <= i < start + 7], fraction)
+        per_label = Counter(labels)
+        got = dict(rows(s, "SELECT label, sum(split = 'holdout') FROM samples GROUP BY label"))
+        for label, n in per_label.items():
+            assert got[label] == holdout_target(n, fraction)
+        assert s.totals()["holdout"] == sum(got.values())
+    finally:
+        s.close()
+
+
+# ---- retention ----------------------------------------------------------------------------------
+
+
+@given(n=st.integers(0, 500), h=st.integers(0, 500), limit=st.integers(1, 400), fraction=st.sampled_from([0.0, 0.1, 0.3]))
+def test_retention_plan_properties(n, h, limit, fraction):
+    h = min(h, n)
+    drop_train, drop_holdout = retention_plan(n, h, limit, fraction)
+    assert 0 <= drop_train <= n - h and 0 <= drop_holdout <= h
+    if n <= limit:
+        assert (drop_train, drop_holdout) == (0, 0)
+        return
+    assert drop_train + drop_holdout == n - limit
+    share = -(-fraction * limit // 1)
+    # the holdout is never cut below its share while training rows remain
+    if drop_holdout > 0:
+        assert h - drop_holdout >= min(h, share) or drop_train == n - h
+
+
+def test_retention_drops_oldest_training_samples_first(store):
+    store.write([sample(i, "ab"[i % 2]) for i in range(200)], 0.1)
+    holdout = [r[0] for r in rows(store, "SELECT id FROM samples WHERE split = ? ORDER BY id", (HOLDOUT,))]
+    assert len(holdout) == 20
+    # the holdout's share of 150 rows is 15: it gives up its 5 oldest, training rows the other 45
+    deleted = store.enforce_retention(RetentionLimits(**{**LIMITS.__dict__, "max_samples": 150}))
+    assert (deleted["train"], deleted["holdout"]) == (45, 5)
+    assert [r[0] for r in rows(store, "SELECT id FROM samples WHERE split = ? ORDER BY id", (HOLDOUT,))] == holdout[5:]
+    train_ids = [r[0] for r in rows(store, "SELECT id FROM samples WHERE split = ? ORDER BY id", (TRAIN,))]
+    assert len(train_ids) == 135 and train_ids[0] > 45
+    assert store.totals()["samples"] == 150 and store.totals()["holdout"] == 15
+
+
+def test_retention_never_cuts_the_holdout_below_its_share(store):
+    store.write([sample(i, "ab"[i % 2]) for i in range(200)], 0.1)
+    # an operator raised the share to 0.2: 30 of 150 rows, more than the 20 there are
+    deleted = store.enforce_retention(
+        RetentionLimits(**{**LIMITS.__dict__, "max_samples": 150, "holdout_fraction": 0.2})
+    )
+    assert (deleted["train"], deleted["holdout"]) == (50, 0)
+    assert rows(store, "SELECT count(*) FROM samples WHERE split = ?", (HOLDOUT,))[0][0] == 20
+
+
+def test_retention_trims_holdout_only_above_its_share(store):
+    store.write([sample(i) for i in range(300)], 0.1)  # 30 holdout
+    limits = RetentionLimits(**{**LIMITS.__dict__, "max_samples": 100})
+    deleted = store.enforce_retention(limits)
+    assert deleted == {"train": 180, "holdout": 20, "predictions": 0, "feedback": 0}
+    assert rows(store, "SELECT split, count(*) FROM samples GROUP BY split ORDER BY split") == [
+        (HOLDOUT, 10),
+        (TRAIN, 90),
+    ]
+
+
+def test_retention_by_bytes(store):
+    store.write([sample(i, text="x" * 1000) for i in range(100)], 0.0)
+    limits = RetentionLimits(**{**LIMITS.__dict__, "max_sample_bytes": 50 * 1001})
+    store.enforce_retention(limits)
+    assert rows(store, "SELECT count(*), min(id) FROM samples")[0] == (50, 51)
+    assert store.totals()["sample_bytes"] <= 50 * 1001
+
+
+def test_retention_of_predictions_and_feedback(store):
+    store.write([prediction(f"old{i}") for i in range(5)], 0.1, now=1000.0)
+    store.write([prediction(f"new{i}") for i in range(10)], 0.1, now=10 * 86400.0)
+    store.write([NewFeedback(key=f"k{i}", prediction_id=f"new{i}", label="a") for i in range(10)], 0.1)
+    limits = RetentionLimits(
+        **{**LIMITS.__dict__, "prediction_retention_days": 5, "max_predictions": 8, "max_feedback": 4}
+    )
+    deleted = store.enforce_retention(limits, now=11 * 86400.0)
+    assert deleted["predictions"] == 5 + 2 and deleted["feedback"] == 6
+    assert [r[0] for r in rows(store, "SELECT id FROM predictions ORDER BY id")] == [f"new{i}" for i in range(2, 10)]
+    assert [r[0] for r in rows(store, "SELECT key FROM feedback ORDER BY id")] == ["k6", "k7", "k8", "k9"]
+
+
+# ---- config, commands, outbox, snapshot ---------------------------------------------------------
+
+
+def test_config_versions(store):
+    assert store.last_accepted_config() is None
+    store.save_config(1, {"inference": {"top_k": 2}}, accepted=True)
+    store.save_config(2, {"inference": {"top_k": 0}}, accepted=False, errors=["inference.top_k: too small"])
+    assert store.last_accepted_config() == {"version": 1, "inference": {"top_k": 2}}
+    assert rows(store, "SELECT status, errors FROM config_versions WHERE version = 2") == [
+        ("rejected", '["inference.top_k: too small"]')
+    ]
+
+
+def test_command_audit_answers_redelivery_from_the_record(store):
+    assert store.begin_command("c1", "status", {}) is None
+    assert store.begin_command("c1", "status", {}) is None  # not finished yet
+    store.finish_command("c1", True, {"ok": True, "result": {"x": 1}})
+    assert store.begin_command("c1", "status", {}) == {"ok": True, "result": {"x": 1}}
+
+
+def test_outbox(store):
+    i = store.outbox_put("fed/f/up/d", b"\x00\x01")
+    store.outbox_put("fed/f/up/d", b"2")
+    assert [r["id"] for r in store.outbox_pending()] == [i, i + 1]
+    store.outbox_mark_sent([i])
+    assert [r["payload"] for r in store.outbox_pending()] == [b"2"]
+
+
+def test_snapshot_is_a_consistent_copy(store, tmp_path):
+    store.write([sample(i) for i in range(10)], 0.1)
+    path = store.snapshot(tmp_path / "snaps")
+    path2 = store.snapshot(tmp_path / "snaps")
+    assert path != path2 and path.exists() and path2.exists()
+    copy = sqlite3.connect(path)
+    assert copy.execute("SELECT count(*) FROM samples").fetchone()[0] == 10
+    copy.close()
+    assert not list((tmp_path / "snaps").glob("*.tmp"))
