@@ -64,20 +64,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _daemon(name: str):
-    """Daemon commands live in agent.daemon; imported on use so `predict` stays light."""
-
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return int(getattr(importlib.import_module("agent.daemon"), name)(args))
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="Edge learning agent for factory boxes")
-    p.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL", "INFO"))
+    # None: `run` takes the level from its config file.
+    p.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL"))
     sub = p.add_subparsers(dest="command", required=True)
 
     model = sub.add_parser("model", help="build or inspect a model bundle").add_subparsers(dest="model_cmd", required=True)
@@ -105,21 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("texts", nargs="*")
     pr.set_defaults(func=_cmd_predict)
 
-    r = sub.add_parser("run", help="run the agent daemon")
-    r.add_argument("--config", required=True, help="bootstrap TOML file")
-    r.set_defaults(func=_daemon("cmd_run"))
-    v = sub.add_parser("validate-config", help="check a bootstrap TOML file; exit non-zero on errors")
-    v.add_argument("path")
-    v.set_defaults(func=_daemon("cmd_validate_config"))
-    s = sub.add_parser("config-schema", help="print the JSON Schema of the runtime config")
-    s.set_defaults(func=_daemon("cmd_config_schema"))
+    from agent.daemon import add_commands
+
+    add_commands(sub)  # run, validate-config, config-schema
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, str(args.log_level or "INFO").upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Third-party chatter (quantizer, fusion) drowns the one line per event we want.

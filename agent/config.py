@@ -257,6 +257,33 @@ class LearningSettings(_RuntimeSection):
     min_free_memory_mb: int = Field(
         1024, ge=0, description="resource guard: the learner starts only with this much memory free"
     )
+    max_inference_p99_ms: float = Field(
+        250.0, gt=0, description="resource guard: the learner starts only while inference p99 is below this"
+    )
+    min_interval_s: float = Field(60.0, ge=0, le=7 * 86400, description="least time between two training rounds")
+    epochs: int = Field(8, ge=1, le=100, description="epochs per round (early stopping may end it sooner)")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate for LoRA and head")
+    batch_size: int = Field(16, ge=1, le=512, description="training batch size")
+    anchor_lambda: float = Field(
+        1e-3, ge=0, le=100, description="weight of the pull ||theta - theta*||^2 toward the fleet (or active) adapter"
+    )
+    replay_fraction: float = Field(
+        0.5, ge=0, lt=1, description="share of each round's data replayed from older samples, class-balanced"
+    )
+    max_train_samples: int = Field(4000, ge=10, le=1_000_000, description="newest samples used per round")
+    time_budget_s: float = Field(600.0, ge=10, le=86400, description="a round stops training after this long")
+    threads: int = Field(1, ge=1, le=64, description="torch threads of the learner process")
+    gate_epsilon: float = Field(
+        0.005, ge=0, le=1, description="promotion gate: overall holdout accuracy may fall by at most this"
+    )
+    gate_delta: float = Field(0.05, ge=0, le=1, description="promotion gate: no class may fall by more than this")
+    rollback_min_feedback: int = Field(
+        50, ge=1, description="automatic rollback: feedback on the new adapter needed before judging it"
+    )
+    rollback_max_drop: float = Field(
+        0.05, gt=0, le=1, description="automatic rollback: live accuracy below promoted accuracy minus this"
+    )
+    keep_versions: int = Field(5, ge=1, le=1000, description="old adapter versions kept on disk for rollback")
 
     @field_validator("schedule")
     @classmethod

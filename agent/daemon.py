@@ -45,6 +45,8 @@ from agent.config import (
     validate_config_file,
 )
 from agent.health import Counters, SystemProbe, sd_notify, watchdog_interval
+from agent.learner import policy as learner_policy
+from agent.learner.manager import LearnerManager, LearnerSettings
 from agent.messages import (
     Command,
     ErrorCode,
@@ -123,6 +125,39 @@ def open_engine(boot: BootstrapConfig, runtime: RuntimeConfig) -> EngineLike:
         engine_config(boot, runtime),
         adapter_dir=boot.engine.adapter_dir,
         work_dir=boot.data_dir / "engine",
+    )
+
+
+def learner_settings(runtime: RuntimeConfig) -> LearnerSettings:
+    """The runtime config's learning section in the learner's own terms."""
+    ls = runtime.learning
+    return LearnerSettings(
+        enabled=ls.enabled,
+        triggers=learner_policy.TriggerPolicy(
+            min_new_samples=ls.min_new_samples,
+            accuracy_drop=ls.accuracy_drop,
+            drift_enabled=ls.drift.enabled,
+            drift_threshold=ls.drift.threshold,
+        ),
+        limits=learner_policy.ResourceLimits(
+            max_cpu_percent=ls.max_cpu_percent,
+            min_free_memory_mb=ls.min_free_memory_mb,
+            max_temperature_c=ls.max_temperature_c,
+            max_inference_p99_ms=ls.max_inference_p99_ms,
+        ),
+        gate=learner_policy.GatePolicy(epsilon=ls.gate_epsilon, delta=ls.gate_delta),
+        rollback=learner_policy.RollbackPolicy(min_feedback=ls.rollback_min_feedback, max_drop=ls.rollback_max_drop),
+        schedule=list(ls.schedule),
+        epochs=ls.epochs,
+        lr=ls.learning_rate,
+        batch_size=ls.batch_size,
+        anchor_lambda=ls.anchor_lambda,
+        replay_fraction=ls.replay_fraction,
+        max_train_samples=ls.max_train_samples,
+        time_budget_s=ls.time_budget_s,
+        threads=ls.threads,
+        keep_versions=ls.keep_versions,
+        min_interval_s=ls.min_interval_s,
     )
 
 
@@ -417,10 +452,12 @@ class EdgeAgent:
             "snapshot": lambda args: self.snapshot(),
             "train_now": not_available("train_now", "learner"),
             "rollback": not_available("rollback", "learner"),
+            "cancel_training": not_available("cancel_training", "learner"),
             "sync_now": not_available("sync_now", "fedsync client"),
         }
         self.store: Store
         self.engine: EngineLike
+        self.learner: LearnerManager | None = None
         self.transport: MqttClient
         self.replier: Replier
         self.writer: IngestWriter
@@ -447,6 +484,38 @@ class EdgeAgent:
 
     def init_engine(self) -> None:
         self.engine = self._engine_factory(self.boot, self.runtime)
+
+    def init_learner(self) -> None:
+        """The learner needs an engine that can swap adapters; it restores the promoted one."""
+        if not hasattr(self.engine, "activate_adapter"):
+            return
+        self.learner = LearnerManager(
+            db_path=self.boot.db_path,
+            bundle_dir=self.boot.bundle,
+            data_dir=self.boot.data_dir,
+            engine=self.engine,
+            settings=learner_settings(self.runtime),
+            publish=self._learner_event,
+        )
+        restored = self.learner.restore_active()
+        if restored:
+            log.info("adapter %s restored from the registry", restored)
+        learner = self.learner
+        self.register_command("train_now", lambda args: self._learner_answer(learner.train_now()))
+        self.register_command(
+            "rollback", lambda args: self._learner_answer(learner.rollback(args.get("version"), reason="command"))
+        )
+        self.register_command("cancel_training", lambda args: self._learner_answer(learner.cancel()))
+
+    @staticmethod
+    def _learner_answer(result: dict[str, Any]) -> dict[str, Any]:
+        if not result.get("ok"):
+            raise CommandError(ErrorCode.NOT_AVAILABLE, str(result.get("error")))
+        return result
+
+    def _learner_event(self, event: str, body: dict[str, Any]) -> None:
+        if self.transport.connected:
+            self.transport.publish(self.topics.learner, {"event": event, "ts": round(time.time(), 3), **body})
 
     def init_transport(self) -> None:
         self.transport = MqttClient(
@@ -504,6 +573,8 @@ class EdgeAgent:
             t.join(5.0)
         if self.transport.connected:
             self.transport.publish_and_wait(self.topics.status, self._status_payload("offline", clean=True), retain=True)
+        if self.learner is not None:
+            self.learner.stop()
         self.transport.stop()
         self.engine.close()
         self.probe.close()
@@ -657,6 +728,13 @@ class EdgeAgent:
             try:
                 what, item, msg = self._control.get(timeout=0.5)
             except queue.Empty:
+                # Learner rounds start, finish and get promoted from this thread only, so they
+                # never race a config change or a rollback command.
+                if self.learner is not None:
+                    try:
+                        self.learner.tick()
+                    except Exception:
+                        log.exception("learner tick failed")
                 continue
             if what == "stop":
                 return
@@ -734,6 +812,8 @@ class EdgeAgent:
             self._reject_config(MessageError(ErrorCode.STORAGE, str(e)), msg, v)
             return False
         self.runtime = desired
+        if self.learner is not None:
+            self.learner.settings = learner_settings(desired)
         log.info("config version %d accepted (was %d)", v, current.version)
         self.replier.reply(Kind.CONFIG, msg, self._config_state("accepted", v, applied="live"))
         if msg is not None:
@@ -796,6 +876,7 @@ class EdgeAgent:
             "config_version": self.runtime.version,
             "model": self._model_info(),
             "adapter_version": self.engine.adapter_version,
+            "learner": self.learner.status() if self.learner is not None else None,
             "labels": sorted(self._known_labels()),
             "store": {**self.store.totals(), "file_bytes": self.store.file_bytes()},
             "storage_error": str(self.writer.storage_error) if self.writer.storage_error else None,
@@ -882,6 +963,7 @@ class EdgeAgent:
             "storage_error": str(self.writer.storage_error) if self.writer.storage_error else None,
             "model": self._model_info(),
             "adapter_version": self.engine.adapter_version,
+            "learner": self.learner.status() if self.learner is not None else None,
             "config_version": runtime.version,
             "connected": self.transport.connected,
         }
@@ -982,6 +1064,7 @@ def init_app(app: EdgeAgent) -> int:
         app.engine.close()
         app.store.close()
         return exit_codes.CONFIG_ERROR
+    app.init_learner()
     app.init_workers()
     return exit_codes.OK
 

@@ -126,6 +126,11 @@ class Topics:
     def status(self) -> str:
         return self.topic("status")
 
+    @property
+    def learner(self) -> str:
+        """Learner events: round started/finished (promoted or refused, with reasons), rollback."""
+        return self.topic("learner")
+
     def result_topic(self, kind: Kind) -> str:
         return self.topic(RESULT_SUFFIX[kind])
 

@@ -6,6 +6,28 @@ from pathlib import Path
 
 TINY_LABELS = ["normal", "electrical", "mechanical", "thermal"]
 
+# A keyword task the tiny random BERT learns in seconds (learner tests).
+KEYWORDS = {
+    "electrical": ["breaker tripped", "fuse blown", "short circuit", "earth fault"],
+    "mechanical": ["bearing noise", "belt worn", "gear backlash", "shaft misaligned"],
+    "thermal": ["overheating", "temperature high", "fan failed hot", "thermal alarm"],
+    "normal": ["cycle complete", "shift handover", "all ok", "production started"],
+}
+
+
+def keyword_samples(n: int, seed: int, shuffle_labels: bool = False) -> list[tuple[str, str]]:
+    """(text, label) pairs; with ``shuffle_labels`` the labels are random (a poisoned batch)."""
+    import random
+
+    rng = random.Random(seed)
+    labels = list(KEYWORDS)
+    out = []
+    for _ in range(n):
+        label = rng.choice(labels)
+        text = f"{rng.choice(KEYWORDS[label])} on machine M{rng.randint(1, 40)} line {rng.randint(1, 5)}"
+        out.append((text, rng.choice(labels) if shuffle_labels else label))
+    return out
+
 
 def make_tiny_bert(out: Path, seed: int = 0) -> Path:
     import torch

@@ -166,6 +166,7 @@ class LearnerManager:
             return {"ok": False, "error": f"round {self._spec.version if self._spec else '?'} already running"}
         self._manual = True
         self.tick()
+        self._manual = False
         return {"ok": self._proc is not None, "version": self._spec.version if self._spec else None,
                 "error": None if self._proc is not None else "no new labeled samples"}
 
@@ -178,6 +179,8 @@ class LearnerManager:
     def rollback(self, version: str | None = None, reason: str = "command") -> dict[str, Any]:
         """Activate ``version`` (default: the active adapter's parent, or the base when it has none)."""
         active = self.active_version()
+        if active is None and version is None:
+            return {"ok": False, "error": "no promoted adapter to roll back from; name a version to activate"}
         with self._db() as con:
             if version is None:
                 row = con.execute("SELECT parent FROM adapter_versions WHERE version = ?", (active,)).fetchone()

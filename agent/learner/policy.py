@@ -32,7 +32,10 @@ class TriggerPolicy:
 
 
 def training_reason(x: TriggerInputs, p: TriggerPolicy) -> str | None:
-    """Why a round should start now, or None. Manual first, then data, accuracy, drift, schedule."""
+    """Why a round should start now, or None. Manual first, then data, accuracy, drift, schedule.
+    A round learns from new samples, so nothing starts one without them."""
+    if x.new_samples <= 0:
+        return None
     if x.manual:
         return "manual"
     if x.new_samples >= p.min_new_samples:

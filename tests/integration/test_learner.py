@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import sqlite3
 import time
@@ -14,25 +13,12 @@ from agent.engine import EngineConfig, InferenceEngine
 from agent.learner import policy
 from agent.learner.manager import LearnerManager, LearnerSettings
 from agent.store import NewSample, Store
-
-# A keyword task the tiny random BERT can learn in a few seconds.
-WORDS = {
-    "electrical": ["breaker tripped", "fuse blown", "short circuit", "earth fault"],
-    "mechanical": ["bearing noise", "belt worn", "gear backlash", "shaft misaligned"],
-    "thermal": ["overheating", "temperature high", "fan failed hot", "thermal alarm"],
-    "normal": ["cycle complete", "shift handover", "all ok", "production started"],
-}
+from tests.tiny import keyword_samples
 
 
 def make_samples(n: int, seed: int, shuffle_labels: bool = False) -> list[NewSample]:
-    rng = random.Random(seed)
-    labels = list(WORDS)
-    out = []
-    for i in range(n):
-        label = rng.choice(labels)
-        text = f"{rng.choice(WORDS[label])} on machine M{rng.randint(1, 40)} line {rng.randint(1, 5)}"
-        out.append(NewSample(key=f"s{seed}-{i}", text=text, label=rng.choice(labels) if shuffle_labels else label))
-    return out
+    pairs = keyword_samples(n, seed, shuffle_labels)
+    return [NewSample(key=f"s{seed}-{i}", text=t, label=lab) for i, (t, lab) in enumerate(pairs)]
 
 
 def wait_round(manager: LearnerManager, timeout: float = 180.0) -> None:

@@ -13,7 +13,8 @@ def inputs(**kw):
 def test_triggers_in_order():
     pol = p.TriggerPolicy(min_new_samples=100, accuracy_drop=0.05, min_feedback=20, drift_enabled=True, drift_threshold=0.2)
     assert p.training_reason(inputs(), pol) is None
-    assert p.training_reason(inputs(manual=True), pol) == "manual"
+    assert p.training_reason(inputs(manual=True, new_samples=1), pol) == "manual"
+    assert p.training_reason(inputs(manual=True), pol) is None
     assert p.training_reason(inputs(new_samples=100), pol).startswith("new_samples")
     drop = inputs(new_samples=5, feedback_accuracy=0.7, feedback_count=30, accepted_accuracy=0.9)
     assert p.training_reason(drop, pol).startswith("accuracy_drop")
