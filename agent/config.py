@@ -185,7 +185,10 @@ class BootstrapConfig(_Section):
 
 
 class InferenceSettings(_RuntimeSection):
-    max_batch: int = Field(32, ge=1, le=1024, description="most texts the engine runs in one batch")
+    max_batch: int = Field(128, ge=1, le=1024, description="most texts the engine takes and sorts by length at once")
+    max_batch_tokens: int = Field(
+        2048, ge=16, le=65536, description="most padded tokens in one ONNX Runtime run (short texts share runs)"
+    )
     max_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="how long a batch waits for more texts, under load only"
     )

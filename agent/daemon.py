@@ -108,6 +108,7 @@ def engine_config(boot: BootstrapConfig, runtime: RuntimeConfig) -> Any:
     inf = runtime.inference
     return EngineConfig(
         max_batch=inf.max_batch,
+        max_batch_tokens=inf.max_batch_tokens,
         max_wait_ms=inf.max_wait_ms,
         top_k=inf.top_k,
         cache_size=inf.cache_size,

@@ -155,7 +155,7 @@ def test_unwritable_data_dir(tmp_path):
 def test_runtime_defaults_are_valid():
     config = parse_runtime({})
     assert config.version == 0
-    assert config.inference.max_batch == 32
+    assert config.inference.max_batch == 128 and config.inference.max_batch_tokens == 2048
     assert config == RuntimeConfig()
 
 

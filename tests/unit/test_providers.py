@@ -44,3 +44,15 @@ def test_choose_int8_only_if_faster_and_agreeing():
     assert choose_cpu_precision(fast_ok) == "int8"
     assert choose_cpu_precision(fast_bad) == "fp32"
     assert choose_cpu_precision(barely) == "fp32"
+
+
+def test_chunks_respect_text_and_token_budgets():
+    from agent.engine import _chunks
+
+    lengths = [5] * 10 + [50] * 4 + [120] * 3
+    chunks = _chunks(list(range(len(lengths))), lengths, max_texts=8, max_tokens=256)
+    assert [i for c in chunks for i in c] == list(range(len(lengths)))
+    for c in chunks:
+        assert len(c) <= 8 and len(c) * max(lengths[i] for i in c) <= max(256, max(lengths[i] for i in c))
+    # A text longer than the budget still runs, alone.
+    assert _chunks([0], [5000], 8, 256) == [[0]]
