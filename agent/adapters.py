@@ -15,8 +15,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,53 +225,8 @@ def write_ort_adapter(adapter: OrtAdapter, path: Path) -> Path:
     return path
 
 
-def save_adapter(
-    out_dir: Path, tensors: dict[str, np.ndarray], peft_config: dict[str, Any], meta: AdapterMeta
-) -> Path:
-    """Write an adapter directory atomically: a temp dir, fsynced, renamed into place."""
-    from safetensors.numpy import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / WEIGHTS))
-        (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2))
-        (tmp / META).write_text(json.dumps(meta.__dict__, indent=2))
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
 def write_meta(adapter_dir: Path, meta: AdapterMeta) -> None:
     """Add our manifest beside what ``PeftModel.save_pretrained`` wrote."""
     tmp = Path(adapter_dir) / f".{META}.tmp"
     tmp.write_text(json.dumps(meta.__dict__, indent=2))
     os.replace(tmp, Path(adapter_dir) / META)
-
-
-def peft_lora_config(rank: int, alpha: float, targets: list[str], base: str = "") -> dict[str, Any]:
-    """The subset of peft's ``LoraConfig`` JSON that ``PeftModel.from_pretrained`` needs."""
-    return {
-        "peft_type": "LORA",
-        "task_type": "SEQ_CLS",
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "target_modules": list(targets),
-        "modules_to_save": ["classifier", "score"],
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-        "base_model_name_or_path": base,
-    }

@@ -13,9 +13,6 @@ this module. Recipe (each step measured, see docs in the README):
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -33,8 +30,8 @@ from agent.bundle import (
     LoraSpec,
     PrecisionFile,
     sha256_file,
-    write_json_atomic,
 )
+from agent.durable import staged_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +123,7 @@ def build_bundle(
         raise BundleError(f"{model_path}: a fast tokenizer (tokenizer.json) is required")
     hidden, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as work:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / BASE_WEIGHTS))
         model.config.save_pretrained(work / "hf")
         tokenizer.save_pretrained(work / "tokenizer")
@@ -189,13 +184,6 @@ def build_bundle(
             verification={"fp32_max_abs_logit_diff_vs_torch": max_diff},
         )
         write_json_atomic(work / MANIFEST, manifest.model_dump(mode="json"))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.chmod(0o755)
-        os.replace(work, out_dir)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     log.info("bundle %s built: base %s, precisions %s", out_dir, manifest.base_hash[:12], list(files))
     return manifest
 

@@ -14,7 +14,6 @@ A bundle is a directory written by ``edge-agent model build`` (see ``agent.build
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -116,16 +115,3 @@ def check_bundle(bundle_dir: Path, verify_hash: bool = True) -> list[str]:
     elif verify_hash and sha256_file(base) != m.base_hash:
         problems.append(f"{BASE_WEIGHTS} does not match base_hash {m.base_hash[:12]}")
     return problems
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write JSON so that a crash leaves either the old or the new file, never half of one."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

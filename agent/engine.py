@@ -387,13 +387,18 @@ class InferenceEngine:
         return out
 
     def _pad(self, id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        longest = max(len(x) for x in id_lists)
-        ids = np.full((len(id_lists), longest), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(id_lists), longest), dtype=np.int64)
-        for row, x in enumerate(id_lists):
-            ids[row, : len(x)] = x
-            mask[row, : len(x)] = 1
-        return ids, mask
+        return pad_ids(id_lists, self._pad_id)
+
+
+def pad_ids(id_lists: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token id lists to the longest one: (input_ids, attention_mask) as int64."""
+    longest = max(len(x) for x in id_lists)
+    ids = np.full((len(id_lists), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(id_lists), longest), dtype=np.int64)
+    for row, x in enumerate(id_lists):
+        ids[row, : len(x)] = x
+        mask[row, : len(x)] = 1
+    return ids, mask
 
 
 def _chunks(order: list[int], lengths: list[int], max_texts: int, max_tokens: int) -> list[list[int]]:
@@ -478,13 +483,7 @@ def _measure_cpu_precision(
 ) -> str:
     """Time fp32 and INT8 on this CPU and keep INT8 only if it is faster and agrees with fp32."""
     tok = _load_tokenizer(bundle_dir, manifest.max_length)
-    encs = tok.encode_batch(CALIBRATION_TEXTS)
-    longest = max(len(e.ids) for e in encs)
-    ids = np.zeros((len(encs), longest), np.int64)
-    mask = np.zeros_like(ids)
-    for i, e in enumerate(encs):
-        ids[i, : len(e.ids)] = e.ids
-        mask[i, : len(e.ids)] = 1
+    ids, mask = pad_ids([e.ids for e in tok.encode_batch(CALIBRATION_TEXTS)])
     feeds_batch = {"input_ids": ids, "attention_mask": mask}
     feeds_one = {"input_ids": ids[:1, : int(mask[0].sum())], "attention_mask": mask[:1, : int(mask[0].sum())]}
     options = ort.RunOptions()

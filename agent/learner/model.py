@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from agent.adapters import META, AdapterMeta, write_meta
+from agent.adapters import AdapterMeta, write_meta
 from agent.bundle import BASE_WEIGHTS, BundleManifest, load_manifest
+from agent.durable import staged_dir
 
 
 def load_base_model(bundle_dir: Path):
@@ -49,30 +50,12 @@ def new_peft_model(bundle_dir: Path, manifest: BundleManifest | None = None, ini
 
 
 def save_peft_adapter(peft_model, out_dir: Path, manifest: BundleManifest, version: str, **meta_fields) -> AdapterMeta:
-    """``save_pretrained`` plus our manifest; written to a temp dir and renamed into place."""
-    import os
-    import shutil
-    import tempfile
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    """``save_pretrained`` plus our manifest, written to a staged directory renamed into place."""
+    with staged_dir(out_dir) as tmp:
         peft_model.save_pretrained(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)
         meta = AdapterMeta(
             version=version, base_hash=manifest.base_hash, labels=list(manifest.labels), created=time.time(), **meta_fields
         )
         write_meta(tmp, meta)
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    assert (out_dir / META).is_file()
     return meta
