@@ -118,7 +118,7 @@ def engine_config(boot: BootstrapConfig, runtime: RuntimeConfig) -> Any:
     )
 
 
-def open_engine(boot: BootstrapConfig, runtime: RuntimeConfig) -> EngineLike:
+def open_engine(boot: BootstrapConfig, runtime: RuntimeConfig, calibration_texts: list[str] | None = None) -> EngineLike:
     from agent.engine import InferenceEngine
 
     return InferenceEngine.open(
@@ -126,6 +126,7 @@ def open_engine(boot: BootstrapConfig, runtime: RuntimeConfig) -> EngineLike:
         engine_config(boot, runtime),
         adapter_dir=boot.engine.adapter_dir,
         work_dir=boot.data_dir / "engine",
+        calibration_texts=calibration_texts,
     )
 
 
@@ -484,7 +485,11 @@ class EdgeAgent:
         log.info("runtime config: version %d from the store", self.runtime.version)
 
     def init_engine(self) -> None:
-        self.engine = self._engine_factory(self.boot, self.runtime)
+        if self._engine_factory is open_engine:
+            # The INT8-vs-fp32 trial is judged on this plant's own texts when it has some.
+            self.engine = open_engine(self.boot, self.runtime, self.store.recent_holdout_texts(256))
+        else:
+            self.engine = self._engine_factory(self.boot, self.runtime)
 
     def init_learner(self) -> None:
         """The learner needs an engine that can swap adapters; it restores the promoted one."""

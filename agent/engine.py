@@ -134,8 +134,13 @@ class InferenceEngine:
         config: EngineConfig | None = None,
         adapter_dir: Path | None = None,
         work_dir: Path | None = None,
+        calibration_texts: list[str] | None = None,
     ) -> InferenceEngine:
-        """Load a bundle, pick provider and precision for this box, optionally activate an adapter."""
+        """Load a bundle, pick provider and precision for this box, optionally activate an adapter.
+
+        ``calibration_texts``: the box's own texts (the daemon passes recent holdout samples) for
+        the INT8-vs-fp32 trial; a handful of built-in plant texts otherwise.
+        """
         config = config or EngineConfig()
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir)
@@ -148,7 +153,10 @@ class InferenceEngine:
             log.warning("execution: %s", plan.note)
         adapter = read_adapter(adapter_dir, manifest) if adapter_dir else None
         if plan.precision == "auto":
-            plan = replace(plan, precision=_measure_cpu_precision(bundle_dir, manifest, config, adapter, work_dir))
+            plan = replace(
+                plan,
+                precision=_measure_cpu_precision(bundle_dir, manifest, config, adapter, work_dir, calibration_texts),
+            )
         session, plan = _create_session(bundle_dir, manifest, plan, config)
         engine = cls(manifest, bundle_dir, session, plan, config, work_dir)
         if adapter is not None:
@@ -480,10 +488,16 @@ def _measure_cpu_precision(
     config: EngineConfig,
     adapter: OrtAdapter | None,
     work_dir: Path,
+    calibration_texts: list[str] | None = None,
 ) -> str:
     """Time fp32 and INT8 on this CPU and keep INT8 only if it is faster and agrees with fp32."""
     tok = _load_tokenizer(bundle_dir, manifest.max_length)
-    ids, mask = pad_ids([e.ids for e in tok.encode_batch(CALIBRATION_TEXTS)])
+    texts = list(dict.fromkeys(calibration_texts or []))[:256] or CALIBRATION_TEXTS
+    encs = tok.encode_batch(texts)
+    # Agreement over every calibration text (in chunks); timing on a batch of 16 and a single text.
+    agree_feeds = [dict(zip(("input_ids", "attention_mask"), pad_ids([e.ids for e in encs[i : i + 64]]), strict=True))
+                   for i in range(0, len(encs), 64)]
+    ids, mask = pad_ids([e.ids for e in encs[:16]])
     feeds_batch = {"input_ids": ids, "attention_mask": mask}
     feeds_one = {"input_ids": ids[:1, : int(mask[0].sum())], "attention_mask": mask[:1, : int(mask[0].sum())]}
     options = ort.RunOptions()
@@ -498,8 +512,9 @@ def _measure_cpu_precision(
     reference = None
     for name in ("fp32", "int8"):
         sess = ort.InferenceSession(str(bundle_dir / manifest.precisions[name].file), so, providers=[prov.CPU])
-        outs = sess.run(None, feeds_batch, options)
-        logits, pooled = outs[0], outs[1]
+        runs = [sess.run(None, f, options) for f in agree_feeds]
+        logits = np.concatenate([r[0] for r in runs])
+        pooled = np.concatenate([r[1] for r in runs])
         times = []
         for _ in range(12):
             t = time.perf_counter()

@@ -304,6 +304,16 @@ class Store:
                 size += os.stat(f"{self.path}{suffix}").st_size
         return size
 
+    def recent_holdout_texts(self, limit: int) -> list[str]:
+        """The newest holdout texts: the plant's own words, for checks that need realistic input."""
+        try:
+            rows = self.db.conn.execute(
+                "SELECT text FROM samples WHERE split = 'holdout' ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise storage_error(e) from e
+        return [r[0] for r in rows]
+
     # ---- inbound writes ----------------------------------------------------------------------
     def write(self, rows: Sequence[NewRow], holdout_fraction: float, now: float | None = None) -> list[Outcome]:
         """Insert ``rows`` in one transaction; one outcome per row. Raises StorageError, all or nothing."""

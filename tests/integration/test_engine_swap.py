@@ -167,3 +167,11 @@ def test_adapter_with_other_alpha_is_scaled(tiny_bundle, random_adapter, tmp_pat
     a, b = read_adapter(random_adapter, m), read_adapter(doubled, m)
     key = "lora.0.qkv.B"
     assert np.allclose(b.arrays[key], 2 * a.arrays[key])
+
+
+def test_precision_trial_on_the_plants_own_texts(tiny_bundle, random_adapter):
+    """The auto trial runs on given texts (more than one chunk of them) and picks a CPU precision."""
+    texts = [f"{t} #{i}" for i, t in enumerate(TEXTS * 4)]
+    with InferenceEngine.open(tiny_bundle, EngineConfig(), adapter_dir=random_adapter, calibration_texts=texts) as e:
+        assert e.precision in ("fp32", "int8") and e.adapter_version == "a1"
+        assert len(e.predict(texts[:3])) == 3

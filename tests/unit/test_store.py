@@ -271,3 +271,15 @@ def test_snapshot_is_a_consistent_copy(store, tmp_path):
     assert copy.execute("SELECT count(*) FROM samples").fetchone()[0] == 10
     copy.close()
     assert not list((tmp_path / "snaps").glob("*.tmp"))
+
+
+def test_recent_holdout_texts_are_newest_first(tmp_path):
+    from agent.store import NewSample, Store
+
+    store = Store(tmp_path / "s.db").open()
+    store.write([NewSample(key=f"k{i}", text=f"t{i}", label="a") for i in range(40)], holdout_fraction=0.5)
+    texts = store.recent_holdout_texts(5)
+    assert len(texts) == 5 and all(t.startswith("t") for t in texts)
+    ids = [int(t[1:]) for t in texts]
+    assert ids == sorted(ids, reverse=True)
+    store.close()
