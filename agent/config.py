@@ -277,9 +277,9 @@ class LearningSettings(_RuntimeSection):
     time_budget_s: float = Field(600.0, ge=10, le=86400, description="a round stops training after this long")
     threads: int = Field(1, ge=1, le=64, description="torch threads of the learner process")
     gate_epsilon: float = Field(
-        0.005, ge=0, le=1, description="promotion gate: overall holdout accuracy may fall by at most this"
+        0.02, ge=0, le=1, description="promotion gate: overall holdout accuracy may fall by at most this"
     )
-    gate_delta: float = Field(0.05, ge=0, le=1, description="promotion gate: no class may fall by more than this")
+    gate_delta: float = Field(0.10, ge=0, le=1, description="promotion gate: no class may fall by more than this")
     rollback_min_feedback: int = Field(
         50, ge=1, description="automatic rollback: feedback on the new adapter needed before judging it"
     )

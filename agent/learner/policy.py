@@ -126,9 +126,11 @@ class GateDecision:
 
 @dataclass(frozen=True)
 class GatePolicy:
-    epsilon: float = 0.005  # overall accuracy may not fall by more than this
-    delta: float = 0.05  # no class may fall by more than this
-    min_class_count: int = 5  # classes with fewer holdout rows are too noisy to veto alone
+    # Measured with the learning benchmark: ~20 holdout rows per class make one row 5 points, so
+    # a tight per-class delta vetoed every candidate on noise and the box never recovered from drift.
+    epsilon: float = 0.02  # overall accuracy may not fall by more than this (the forgetting budget)
+    delta: float = 0.10  # no class may fall by more than this
+    min_class_count: int = 20  # classes with fewer holdout rows are too noisy to veto alone
     min_gain: float = 0.0  # promote only when at least this much better on the recent slice
 
 

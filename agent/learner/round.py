@@ -105,18 +105,27 @@ def read_training_set(
     return texts, labs, len(new), len(replay), int(max_id)
 
 
-def read_holdout(db_path: str, labels: list[str], limit: int = 4000) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Holdout rows split in two by age: the older half and the recent half (the gate checks both)."""
+def read_holdout(
+    db_path: str, labels: list[str], since_id: int, limit: int = 4000
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Holdout rows as (older, recent): recent = arrived after the active adapter's data
+    (``id > since_id``), i.e. what the candidate is meant to fix; older = what it must not forget.
+    Without a split point (first round) the newest quarter stands in for recent."""
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
     try:
         rows = con.execute(
-            "SELECT text, label FROM samples WHERE split='holdout' ORDER BY id DESC LIMIT ?", (limit,)
+            "SELECT id, text, label FROM samples WHERE split='holdout' ORDER BY id DESC LIMIT ?", (limit,)
         ).fetchall()
     finally:
         con.close()
-    rows = [r for r in reversed(rows) if r[1] in set(labels)]
-    half = len(rows) // 2
-    return rows[:half], rows[half:]
+    known = set(labels)
+    rows = [r for r in reversed(rows) if r[2] in known]
+    older = [(t, lab) for i, t, lab in rows if i <= since_id]
+    recent = [(t, lab) for i, t, lab in rows if i > since_id]
+    if not older or not recent:
+        cut = len(rows) - max(1, len(rows) // 4)
+        older, recent = [(t, lab) for _, t, lab in rows[:cut]], [(t, lab) for _, t, lab in rows[cut:]]
+    return older, recent
 
 
 def evaluate_adapter(bundle_dir: str, adapter_dir: str | None, precision: str, slices: dict[str, list[tuple[str, str]]]) -> dict[str, EvalReport]:
@@ -186,7 +195,7 @@ def run_round(spec: RoundSpec) -> RoundResult:
     except TrainingCancelled as e:
         result.status, result.message = "cancelled", str(e)
         return result
-    older, recent = read_holdout(spec.db_path, labels)
+    older, recent = read_holdout(spec.db_path, labels, spec.since_sample_id)
     slices = {"older": older, "recent": recent, "all": older + recent}
     result.candidate = {k: asdict(v) for k, v in evaluate_adapter(spec.bundle_dir, spec.out_dir, spec.precision, slices).items()}
     result.active = {k: asdict(v) for k, v in evaluate_adapter(spec.bundle_dir, spec.parent_dir, spec.precision, slices).items()}
