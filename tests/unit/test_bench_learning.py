@@ -48,12 +48,14 @@ def test_training_set_without_replay_or_older_rows():
     assert learning.training_set(new, [], ["a"], 0.5, seed=0)[2:] == (10, 0)
 
 
-def test_holdout_halves_take_the_newest_rows_in_order():
-    rs = rows("abcdefg")
-    older, recent = learning.holdout_halves(rs)
-    assert [r.label for r in older] == list("abc") and [r.label for r in recent] == list("defg")
-    older, recent = learning.holdout_halves(rs, limit=4)
-    assert [r.label for r in older] == list("de") and [r.label for r in recent] == list("fg")
+def test_holdout_slices_recent_is_the_new_rows():
+    older, recent = learning.holdout_slices(rows("abcde"), rows("fg"))
+    assert [r.label for r in older] == list("abcde") and [r.label for r in recent] == list("fg")
+    older, recent = learning.holdout_slices(rows("abcde"), rows("fg"), limit=3)
+    assert [r.label for r in older] == list("cde")
+    # No new rows (first round): the newest quarter stands in for recent.
+    older, recent = learning.holdout_slices(rows("abcdefgh"), [])
+    assert [r.label for r in older] == list("abcdef") and [r.label for r in recent] == list("gh")
 
 
 def test_prequential_bookkeeping():
@@ -150,5 +152,7 @@ def test_targets_and_required_keys_on_a_fake_result():
 def test_parser_defaults():
     args = learning._parser().parse_args([])
     assert args.dataset is None and not args.quick and not args.json
-    args = learning._parser().parse_args(["--dataset", "x.csv", "--text-col", "t", "--label-col", "l", "--quick", "--json"])
+    args = learning._parser().parse_args(
+        ["--dataset", "x.csv", "--text-col", "t", "--label-col", "l", "--quick", "--json"]
+    )
     assert args.dataset.name == "x.csv" and args.text_col == "t" and args.quick and args.json

@@ -1,0 +1,1301 @@
+"""``python -m tools.bench learning``: on-box learning under drift, against an offline upper bound and TF-IDF.
+
+Protocol (simulated by default, the same on ``--dataset CSV``):
+
+* **Data.** Simulated: one site's ``PlantStream`` (``site0``, drift at a fixed index), cut in order
+  into: the *pre-drift stored* part (default 1,700 records, split train/holdout as
+  ``agent.store`` does: per label, ``holdout_fraction`` 0.1 rounded to nearest, so ~1,530 train and
+  ~170 holdout), the *pre-drift test* part (next 300 records, never trained on), the *drifted stream*
+  in chunks (6 x 200 records; 200 is the daemon's ``min_new_samples`` trigger), and the *post-drift
+  test* part (next 400 drifted records, never trained on). Repeats inside the stream (~18 %) stay in,
+  as on a real line. CSV: rows in file order, or sorted by ``--time-col`` (stable); the first
+  ``--pre-fraction`` (0.5) is "pre-drift" (its last 15 % is the pre-drift test), the rest is the
+  stream (its last 20 % is the post-drift test, the rest the chunks). Labels come from the CSV; if
+  they are not all in the bundle's label set, a bundle for ``sorted(labels)`` is built into a temp
+  dir with ``agent.build.build_bundle`` (fp32 only) and used instead.
+* **Base adapter.** ``train_adapter`` (LoRA + head, lr 1e-3, batch 16, up to 8 epochs, early stop
+  on 10 % of the set) on the pre-drift train rows. ``acc_before_drift``: its accuracy
+  on the pre-drift test part (the records that came right after its training data; prequential).
+* **Prequential online learning**, as the learner does it: every chunk is first *predicted* with
+  the active adapter (engine, ONNX Runtime fp32, what the box would answer), then becomes labeled
+  data: a round trains a candidate continuing from the active adapter on the chunk's train rows
+  plus a class-balanced replay of all older train rows (``replay_fraction`` 0.5, equal count per
+  label, as ``round.read_training_set``), 10 % of that set for early stopping, and the
+  ``anchor_lambda`` (1e-3) pull toward the pre-drift base adapter (the "fleet" anchor). The gate
+  (``policy.promotion_decision``, default ``GatePolicy``) compares candidate and active on the
+  holdout split into older/recent halves (as ``round.read_holdout``); the candidate is promoted
+  or dropped. A chunk counts as trained either way (as the daemon does). Chunk rounds train at most
+  ``round_epochs`` (4) epochs: they continue from an adapter that already fits the task.
+  ``acc_drift_online``: pooled prequential accuracy over the drifted chunks *after the first* (the
+  first is predicted before any drifted label exists, so it equals no learning);
+  ``acc_drift_no_learning``: the base adapter on those same chunks. ``*_all_chunks`` include chunk 0.
+* **Offline upper bound**: a *full* fine-tune (all weights, ``load_base_model``, AdamW lr 1e-4,
+  linear warm-up/decay, up to 4 epochs, best epoch on the holdout) on all pre-drift and drifted
+  train rows, once, at the end. ``acc_offline_full_ft``: on the post-drift test part.
+  ``recovery_ratio`` = the final online adapter on the post-drift test part / ``acc_offline_full_ft``.
+* ``forgetting_pts``: base adapter minus final online adapter on the pre-drift test part, in points.
+* ``samples_to_recover``: labeled drifted records received (whole chunks, holdout share included)
+  before a chunk's prequential accuracy is back within 2 points of ``acc_before_drift``; ``null``
+  when it never is (``recovered`` false).
+* **TF-IDF baseline**: word 1-2-grams + char_wb 2-5-grams (``FeatureUnion``, sublinear tf) and
+  ``LogisticRegression(C=10)``, refit from scratch on all train rows seen so far at the same moments
+  (after the base data, after each chunk), evaluated the same prequential way (``tfidf_*``).
+* **Resources**: the serving engine (fp32, 2 intra-op threads, cache off so every request runs) gets
+  a paced client (batch 1, 20 req/s, drifted texts) while idle, then while a real learner round
+  (``round.run_round_process`` on a SQLite copy of the data: pre-drift rows stored, chunk 0 new)
+  runs in a spawned child at nice 10 with 1 torch thread (as the daemon runs it, with the pause file
+  driven by the engine's queue depth once a second like ``LearnerManager.tick``), then idle again.
+  ``infer_p99_ratio_training`` = p99 during the round / p99 idle (both idle windows).
+  ``learner_peak_rss_mb`` = the child's ``ru_maxrss``; ``train_seconds_per_round`` = the child's
+  training time (``*_in_process``: the median of the chunk rounds run in this process with 2 threads).
+* **Ablations**: the online part again without replay (``replay_fraction`` 0), without the lambda
+  term (0), and without the gate (always promote); when the full run's gate never refused, the
+  no-gate run is identical by construction and is not re-run.
+
+Time budgets in the full run are safety caps only (base 1,200 s, round 400 s, offline 1,500 s), so the
+accuracies do not depend on how busy the machine is; the full simulated run takes about 20 minutes
+on a quiet 2-core box (half of it the ablations; ``--no-ablations`` skips them).
+``--quick``: a smoke run of the same protocol on tiny data, 1-2 epochs and tight time budgets
+(about 2 minutes; its accuracies mean nothing).
+Output: tables on stdout, progress on stderr; with ``--json`` the last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tools.bench import common
+from tools.bench.common import log
+
+DEFAULT_BUNDLE = Path("build/bundle-minilm")
+THREADS = common.DEFAULT_THREADS
+RECOVER_WITHIN = 0.02  # "recovered": a chunk within this of acc_before_drift
+HOLDOUT_FRACTION = 0.1  # agent.config default (store.holdout_fraction)
+HOLDOUT_LIMIT = 4000  # round.read_holdout's default
+VAL_FRACTION = 0.1  # RoundSpec.val_fraction
+
+TARGETS = {  # metric -> (comparison, threshold), from the issue
+    "recovery_ratio": (">=", 0.95),
+    "acc_drift_online_minus_tfidf": (">=", 0.0),
+    "forgetting_pts": ("<=", 2.0),
+    "infer_p99_ratio_training": ("<=", 1.5),
+    "learner_peak_rss_mb": ("<=", 1536.0),
+}
+REQUIRED_KEYS = (
+    "acc_before_drift",
+    "acc_drift_no_learning",
+    "acc_drift_online",
+    "acc_offline_full_ft",
+    "tfidf_acc_drift",
+    "recovery_ratio",
+    "forgetting_pts",
+    "samples_to_recover",
+    "infer_p99_ratio_training",
+    "learner_peak_rss_mb",
+    "train_seconds_per_round",
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    n_pre_stored: int  # simulated: pre-drift records stored (train + holdout)
+    n_pre_test: int
+    n_chunks: int
+    chunk_size: int
+    n_post_test: int
+    base_epochs: int
+    base_budget_s: float
+    round_epochs: int
+    round_budget_s: float
+    offline_epochs: int
+    offline_budget_s: float
+    offline_lr: float
+    latency_idle_s: float  # each of the two idle windows
+    latency_rate_hz: float
+    ablations: bool = True
+    is_quick: bool = False
+
+    @classmethod
+    def full(cls) -> Plan:
+        return cls(
+            n_pre_stored=1700,
+            n_pre_test=300,
+            n_chunks=6,
+            chunk_size=200,
+            n_post_test=400,
+            base_epochs=8,
+            base_budget_s=1200.0,
+            round_epochs=4,
+            round_budget_s=400.0,
+            offline_epochs=4,
+            offline_budget_s=1500.0,
+            offline_lr=1e-4,
+            latency_idle_s=20.0,
+            latency_rate_hz=20.0,
+        )
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(
+            n_pre_stored=300,
+            n_pre_test=100,
+            n_chunks=2,
+            chunk_size=60,
+            n_post_test=100,
+            base_epochs=2,
+            base_budget_s=15.0,
+            round_epochs=1,
+            round_budget_s=5.0,
+            offline_epochs=1,
+            offline_budget_s=10.0,
+            offline_lr=1e-4,
+            latency_idle_s=2.0,
+            latency_rate_hz=20.0,
+            is_quick=True,
+        )
+
+
+@dataclass(frozen=True)
+class Row:
+    text: str
+    label: str
+
+
+@dataclass
+class Split:
+    """The protocol's data, in arrival order. ``chunk_holdout[k][i]``: row i of chunk k goes to the holdout."""
+
+    pre_train: list[Row]
+    pre_holdout: list[Row]
+    pre_test: list[Row]
+    chunks: list[list[Row]]
+    chunk_holdout: list[list[bool]]
+    post_test: list[Row]
+    source: str
+    drift_known: bool = True  # simulated: every chunk row is drifted; CSV: unknown
+
+    def chunk_train(self, k: int) -> list[Row]:
+        return [r for r, h in zip(self.chunks[k], self.chunk_holdout[k], strict=True) if not h]
+
+    def chunk_holdout_rows(self, k: int) -> list[Row]:
+        return [r for r, h in zip(self.chunks[k], self.chunk_holdout[k], strict=True) if h]
+
+    def all_train(self) -> list[Row]:
+        return self.pre_train + [r for k in range(len(self.chunks)) for r in self.chunk_train(k)]
+
+    def all_holdout(self) -> list[Row]:
+        return self.pre_holdout + [r for k in range(len(self.chunks)) for r in self.chunk_holdout_rows(k)]
+
+    def labels(self) -> list[str]:
+        rows = (
+            self.pre_train
+            + self.pre_holdout
+            + self.pre_test
+            + self.post_test
+            + [r for c in self.chunks for r in c]
+        )
+        return sorted({r.label for r in rows})
+
+    def sizes(self) -> dict[str, Any]:
+        return {
+            "pre_train": len(self.pre_train),
+            "pre_holdout": len(self.pre_holdout),
+            "pre_test": len(self.pre_test),
+            "chunks": [len(c) for c in self.chunks],
+            "chunk_holdout": [sum(h) for h in self.chunk_holdout],
+            "post_test": len(self.post_test),
+        }
+
+
+# ---- pure helpers (unit-tested) -------------------------------------------------------------------
+class HoldoutSplitter:
+    """``agent.store``'s split: a sample goes to the holdout while its label has fewer than
+    ``floor(n_after * fraction + 0.5)`` holdout rows (stratified by label, in arrival order)."""
+
+    def __init__(self, fraction: float = HOLDOUT_FRACTION):
+        self.fraction = fraction
+        self.counts: dict[str, list[int]] = {}
+
+    def is_holdout(self, label: str) -> bool:
+        c = self.counts.setdefault(label, [0, 0])
+        holdout = c[1] < math.floor((c[0] + 1) * self.fraction + 0.5)
+        c[0] += 1
+        c[1] += holdout
+        return holdout
+
+
+def training_set(
+    new: Sequence[Row], older: Sequence[Row], labels: Sequence[str], replay_fraction: float, seed: int
+) -> tuple[list[str], list[str], int, int]:
+    """``round.read_training_set`` on lists: all new rows plus a class-balanced replay of older rows.
+
+    ``n_replay = n_new * f / (1 - f)``, drawn equally per label (all of a label when it has fewer),
+    then everything shuffled. Returns texts, labels, number new, number replayed.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_replay = int(len(new) * replay_fraction / max(1e-9, 1 - replay_fraction)) if replay_fraction < 1 else 0
+    replay: list[Row] = []
+    if n_replay and older:
+        per_label = max(1, n_replay // max(1, len(labels)))
+        for lab in labels:
+            pool = [r for r in older if r.label == lab]
+            if len(pool) > per_label:
+                pool = [pool[i] for i in sorted(rng.choice(len(pool), per_label, replace=False))]
+            replay += pool
+    rows = list(new) + replay
+    order = rng.permutation(len(rows))
+    return [rows[i].text for i in order], [rows[i].label for i in order], len(new), len(replay)
+
+
+def holdout_slices(older: Sequence[Row], new: Sequence[Row], limit: int = HOLDOUT_LIMIT) -> tuple[list[Row], list[Row]]:
+    """``round.read_holdout`` on lists: recent = holdout rows that arrived with this round's data
+    (what the candidate should fix), older = the newest ``limit`` rows before them (what it must
+    not forget). Without new rows the newest quarter stands in for recent."""
+    older = list(older)[-limit:]
+    if new and older:
+        return older, list(new)
+    rows = (older + list(new))[-limit:]
+    cut = len(rows) - max(1, len(rows) // 4)
+    return rows[:cut], rows[cut:]
+
+
+def chunk_accuracies(correct: Sequence[tuple[int, int]]) -> list[float]:
+    """(right, total) per chunk -> accuracy per chunk (NaN for an empty chunk)."""
+    return [ok / n if n else math.nan for ok, n in correct]
+
+
+def pooled_accuracy(correct: Sequence[tuple[int, int]], skip_first: int = 0) -> float:
+    """Prequential accuracy pooled over chunks ``skip_first..``: sum right / sum total (NaN if none)."""
+    part = list(correct)[skip_first:]
+    total = sum(n for _, n in part)
+    return sum(ok for ok, _ in part) / total if total else math.nan
+
+
+def samples_to_recover(chunk_acc: Sequence[float], chunk_sizes: Sequence[int], target: float) -> int | None:
+    """Labeled drifted records received before the first chunk whose prequential accuracy is >= ``target``.
+
+    Chunk k is predicted after learning from chunks 0..k-1, so the answer is ``sum(chunk_sizes[:k])``
+    for the first such k (0 when the first drifted chunk already meets it); None when none does.
+    """
+    if len(chunk_acc) != len(chunk_sizes):
+        raise ValueError("one accuracy per chunk size")
+    seen = 0
+    for acc, n in zip(chunk_acc, chunk_sizes, strict=True):
+        if not math.isnan(acc) and acc >= target - 1e-12:
+            return seen
+        seen += n
+    return None
+
+
+def points(a: float, b: float) -> float:
+    """(a - b) in accuracy points (x100); NaN if either is NaN."""
+    if a is None or b is None or math.isnan(a) or math.isnan(b):
+        return math.nan
+    return 100.0 * (a - b)
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, (op, thr) in TARGETS.items():
+        value = result.get(key)
+        ok = None
+        if isinstance(value, int | float) and not (isinstance(value, float) and math.isnan(value)):
+            ok = value >= thr if op == ">=" else value <= thr
+        out[key] = {"value": value, "target": f"{op} {thr}", "met": ok}
+    return out
+
+
+def missing_keys(result: dict[str, Any]) -> list[str]:
+    return [k for k in REQUIRED_KEYS if k not in result]
+
+
+def split_records(
+    rows: Sequence[Row],
+    pre_fraction: float = 0.5,
+    n_chunks: int = 6,
+    pre_test_fraction: float = 0.15,
+    post_test_fraction: float = 0.2,
+    holdout_fraction: float = HOLDOUT_FRACTION,
+    source: str = "csv",
+) -> Split:
+    """Cut time-ordered rows into the protocol's parts (see the module docstring, ``--dataset``)."""
+    rows = list(rows)
+    n_pre = int(len(rows) * pre_fraction)
+    pre, stream = rows[:n_pre], rows[n_pre:]
+    n_pre_test = max(1, int(len(pre) * pre_test_fraction))
+    n_post_test = max(1, int(len(stream) * post_test_fraction))
+    stored, pre_test = pre[:-n_pre_test], pre[-n_pre_test:]
+    chunk_rows, post_test = stream[:-n_post_test], stream[-n_post_test:]
+    if len(stored) < 20 or len(chunk_rows) < n_chunks:
+        raise ValueError(f"too few rows ({len(rows)}) for the protocol: need pre-drift and {n_chunks} chunks")
+    bounds = [round(i * len(chunk_rows) / n_chunks) for i in range(n_chunks + 1)]
+    chunks = [chunk_rows[bounds[i] : bounds[i + 1]] for i in range(n_chunks)]
+    return _assemble(stored, pre_test, chunks, post_test, holdout_fraction, source, drift_known=False)
+
+
+def _assemble(
+    stored: list[Row],
+    pre_test: list[Row],
+    chunks: list[list[Row]],
+    post_test: list[Row],
+    holdout_fraction: float,
+    source: str,
+    drift_known: bool,
+) -> Split:
+    splitter = HoldoutSplitter(holdout_fraction)
+    pre_flags = [splitter.is_holdout(r.label) for r in stored]
+    chunk_flags = [[splitter.is_holdout(r.label) for r in c] for c in chunks]
+    return Split(
+        pre_train=[r for r, h in zip(stored, pre_flags, strict=True) if not h],
+        pre_holdout=[r for r, h in zip(stored, pre_flags, strict=True) if h],
+        pre_test=pre_test,
+        chunks=chunks,
+        chunk_holdout=chunk_flags,
+        post_test=post_test,
+        source=source,
+        drift_known=drift_known,
+    )
+
+
+def simulated_split(plan: Plan, seed: int = 0, site: str = "site0") -> Split:
+    """One site's stream with a drift event right after the pre-drift test part."""
+    from tools.simulate import PlantStream, site_profile
+
+    n_pre = plan.n_pre_stored + plan.n_pre_test
+    stream = PlantStream(site_profile(site, 0, seed), seed=seed, drift_at=n_pre)
+    pre = stream.take(n_pre)
+    drifted = stream.take(plan.n_chunks * plan.chunk_size + plan.n_post_test)
+    assert not any(r.drifted for r in pre) and all(r.drifted for r in drifted)
+    rows = [Row(r.text, r.label) for r in pre]
+    drows = [Row(r.text, r.label) for r in drifted]
+    chunks = [drows[k * plan.chunk_size : (k + 1) * plan.chunk_size] for k in range(plan.n_chunks)]
+    return _assemble(
+        rows[: plan.n_pre_stored],
+        rows[plan.n_pre_stored :],
+        chunks,
+        drows[plan.n_chunks * plan.chunk_size :],
+        HOLDOUT_FRACTION,
+        f"simulated PlantStream({site}, seed={seed}, drift_at={n_pre})",
+        drift_known=True,
+    )
+
+
+def csv_split(
+    path: Path,
+    text_col: str,
+    label_col: str,
+    time_col: str | None,
+    site_col: str | None,
+    pre_fraction: float,
+    n_chunks: int,
+) -> Split:
+    from tools.replay import load_csv
+
+    records = load_csv(path, text_col, label_col, time_col, site_col)
+    if time_col:
+        records.sort(key=lambda r: r.ts)  # stable: equal times keep file order
+    order = f"sorted by {time_col}" if time_col else "file order"
+    return split_records(
+        [Row(r.text, r.label) for r in records],
+        pre_fraction=pre_fraction,
+        n_chunks=n_chunks,
+        source=f"{path} ({len(records)} rows, {order})",
+    )
+
+
+# ---- models ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    replay_fraction: float
+    anchor_lambda: float
+    gate: bool
+
+
+def variants() -> dict[str, Variant]:
+    from agent.learner.manager import LearnerSettings
+
+    s = LearnerSettings()
+    return {
+        "full": Variant("full", s.replay_fraction, s.anchor_lambda, True),
+        "no_replay": Variant("no_replay", 0.0, s.anchor_lambda, True),
+        "no_lambda": Variant("no_lambda", s.replay_fraction, 0.0, True),
+        "no_gate": Variant("no_gate", s.replay_fraction, s.anchor_lambda, False),
+    }
+
+
+class Evaluator:
+    """Predictions with the serving runtime: one engine, adapters swapped in as needed."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.current: Path | None = None
+
+    def predict(self, adapter_dir: Path, texts: list[str]) -> list[str]:
+        if not texts:
+            return []
+        if self.current != adapter_dir:
+            self.engine.activate_adapter(adapter_dir)
+            self.current = adapter_dir
+        return [p.label for p in self.engine.predict(texts, timeout=900)]
+
+    def correct(self, adapter_dir: Path, rows: Sequence[Row]) -> tuple[int, int]:
+        preds = self.predict(adapter_dir, [r.text for r in rows])
+        return sum(p == r.label for p, r in zip(preds, rows, strict=True)), len(rows)
+
+    def accuracy(self, adapter_dir: Path, rows: Sequence[Row]) -> float:
+        ok, n = self.correct(adapter_dir, rows)
+        return ok / n if n else math.nan
+
+    def report(self, adapter_dir: Path, rows: Sequence[Row]):
+        from agent.learner.policy import evaluate
+
+        return evaluate(self.predict(adapter_dir, [r.text for r in rows]), [r.label for r in rows])
+
+
+def _train_config(
+    plan_epochs: int, budget_s: float, seed: int, anchor_lambda: float = 0.0, threads: int = THREADS
+):
+    from agent.learner.manager import LearnerSettings
+    from agent.learner.train import TrainConfig
+
+    s = LearnerSettings()
+    return TrainConfig(
+        epochs=plan_epochs,
+        lr=s.lr,
+        batch_size=s.batch_size,
+        seed=seed,
+        threads=threads,
+        time_budget_s=budget_s,
+        anchor_lambda=anchor_lambda,
+    )
+
+
+def _val_split(
+    texts: list[str], labels: list[str]
+) -> tuple[list[str], list[str], tuple[list[str], list[str]] | None]:
+    """``run_round``'s split: the first 10 % of the (shuffled) set for early stopping when it has >= 50 rows."""
+    n_val = int(len(texts) * VAL_FRACTION) if len(texts) >= 50 else 0
+    val = (texts[:n_val], labels[:n_val]) if n_val else None
+    return texts[n_val:], labels[n_val:], val
+
+
+def train_base(bundle: Path, split: Split, plan: Plan, work: Path, seed: int) -> tuple[Path, dict[str, Any]]:
+    import numpy as np
+
+    from agent.learner.train import train_adapter
+
+    order = np.random.default_rng(seed).permutation(len(split.pre_train))
+    texts = [split.pre_train[i].text for i in order]
+    labels = [split.pre_train[i].label for i in order]
+    tr_texts, tr_labels, val = _val_split(texts, labels)
+    out = work / "adapters" / "base"
+    log(
+        f"base adapter: {len(tr_texts)} texts (+{len(val[0]) if val else 0} val), up to {plan.base_epochs} epochs, "
+        f"budget {plan.base_budget_s:.0f}s"
+    )
+    res = train_adapter(
+        bundle,
+        tr_texts,
+        tr_labels,
+        out,
+        "bench-base",
+        _train_config(plan.base_epochs, plan.base_budget_s, seed),
+        val=val,
+    )
+    log(
+        f"base adapter: {res.steps} steps, {res.epochs_run} epochs in {res.seconds:.1f}s ({res.stopped}), "
+        f"val {common.fmt_num(res.best_val_accuracy, 3)}"
+    )
+    return out, {
+        "texts": len(tr_texts),
+        "steps": res.steps,
+        "epochs_run": res.epochs_run,
+        "seconds": round(res.seconds, 1),
+        "stopped": res.stopped,
+        "val_accuracy": res.best_val_accuracy,
+    }
+
+
+def run_online(
+    bundle: Path,
+    labels: list[str],
+    split: Split,
+    plan: Plan,
+    ev: Evaluator,
+    base_dir: Path,
+    variant: Variant,
+    work: Path,
+    seed: int,
+) -> dict[str, Any]:
+    """Prequential online learning over the chunks (see the module docstring) for one variant."""
+    from agent.learner.policy import GatePolicy, promotion_decision
+    from agent.learner.train import train_adapter
+
+    gate = GatePolicy()
+    active = base_dir
+    older_train = list(split.pre_train)
+    holdout = list(split.pre_holdout)
+    correct: list[tuple[int, int]] = []
+    rounds: list[dict[str, Any]] = []
+    vdir = work / "adapters" / variant.name
+    for k, chunk in enumerate(split.chunks):
+        correct.append(ev.correct(active, chunk))
+        new = split.chunk_train(k)
+        new_holdout = split.chunk_holdout_rows(k)
+        texts, labs, n_new, n_replay = training_set(
+            new, older_train, labels, variant.replay_fraction, seed + 1000 + k
+        )
+        tr_texts, tr_labels, val = _val_split(texts, labs)
+        cand = vdir / f"r{k}"
+        res = train_adapter(
+            bundle,
+            tr_texts,
+            tr_labels,
+            cand,
+            f"bench-{variant.name}-r{k}",
+            _train_config(plan.round_epochs, plan.round_budget_s, seed + k, variant.anchor_lambda),
+            init_adapter=active,
+            parent=active.name,
+            anchor_adapter=base_dir if variant.anchor_lambda > 0 else None,
+            val=val,
+        )
+        older, recent = holdout_slices(holdout, new_holdout)
+        holdout += new_holdout
+        cand_rep = {"older": ev.report(cand, older), "recent": ev.report(cand, recent)}
+        act_rep = {"older": ev.report(active, older), "recent": ev.report(active, recent)}
+        decision = promotion_decision(cand_rep, act_rep, gate)
+        promote = decision.promote or not variant.gate
+        rounds.append(
+            {
+                "chunk": k,
+                "prequential_acc": correct[-1][0] / max(1, correct[-1][1]),
+                "n_new": n_new,
+                "n_replay": n_replay,
+                "steps": res.steps,
+                "epochs_run": res.epochs_run,
+                "seconds": round(res.seconds, 1),
+                "stopped": res.stopped,
+                "val_accuracy": res.best_val_accuracy,
+                "candidate": {s: round(r.accuracy, 4) for s, r in cand_rep.items()},
+                "active": {s: round(r.accuracy, 4) for s, r in act_rep.items()},
+                "gate_pass": decision.promote,
+                "promoted": promote,
+                "reasons": decision.reasons,
+            }
+        )
+        log(
+            f"[{variant.name}] chunk {k}: prequential {rounds[-1]['prequential_acc']:.3f}; round {res.steps} steps "
+            f"{res.seconds:.0f}s; candidate older/recent {cand_rep['older'].accuracy:.3f}/{cand_rep['recent'].accuracy:.3f}"
+            f" vs active {act_rep['older'].accuracy:.3f}/{act_rep['recent'].accuracy:.3f} -> "
+            f"{'promoted' if promote else 'rejected'}{'' if decision.promote else ' (' + '; '.join(decision.reasons)[:160] + ')'}"
+        )
+        if promote:
+            active = cand
+        older_train += new  # trained through, promoted or not (as the daemon does)
+    final_post = ev.accuracy(active, split.post_test)
+    final_pre = ev.accuracy(active, split.pre_test)
+    chunk_acc = chunk_accuracies(correct)
+    return {
+        "variant": asdict(variant),
+        "chunk_correct": correct,
+        "chunk_acc": chunk_acc,
+        "acc_drift_online": pooled_accuracy(correct, 1),
+        "acc_drift_online_all_chunks": pooled_accuracy(correct, 0),
+        "acc_post_test": final_post,
+        "acc_pre_test": final_pre,
+        "promoted": sum(r["promoted"] for r in rounds),
+        "rejected_by_gate": sum(not r["gate_pass"] for r in rounds),
+        "rounds": rounds,
+        "final_adapter": active.name,
+        "train_seconds_mean": common.median([r["seconds"] for r in rounds]) if rounds else math.nan,
+    }
+
+
+def offline_full_finetune(bundle: Path, split: Split, plan: Plan, seed: int) -> dict[str, Any]:
+    """All weights, all train rows (pre-drift + every chunk), best epoch on the holdout; torch fp32."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from agent.bundle import load_manifest
+    from agent.learner.model import load_base_model
+
+    manifest = load_manifest(bundle)
+    index = {lab: i for i, lab in enumerate(manifest.labels)}
+    tok = AutoTokenizer.from_pretrained(bundle / "tokenizer")
+    torch.manual_seed(seed)
+    torch.set_num_threads(THREADS)
+    model = load_base_model(bundle)
+    rows = split.all_train()
+    val = split.all_holdout()
+    y = np.array([index[r.label] for r in rows])
+    bs = 16
+    steps_per_epoch = math.ceil(len(rows) / bs)
+    total = steps_per_epoch * plan.offline_epochs
+    warm = max(1, int(0.06 * total))
+    opt = torch.optim.AdamW(model.parameters(), lr=plan.offline_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))
+    )
+    rng = np.random.default_rng(seed)
+
+    def encode(texts: list[str]):
+        return tok(texts, padding=True, truncation=True, max_length=manifest.max_length, return_tensors="pt")
+
+    def predict(texts: list[str]) -> list[str]:
+        model.eval()
+        out: list[str] = []
+        with torch.no_grad():
+            for b in range(0, len(texts), 64):
+                out += [
+                    manifest.labels[i] for i in model(**encode(texts[b : b + 64])).logits.argmax(-1).tolist()
+                ]
+        model.train()
+        return out
+
+    def acc(rs: Sequence[Row]) -> float:
+        preds = predict([r.text for r in rs])
+        return sum(p == r.label for p, r in zip(preds, rs, strict=True)) / max(1, len(rs))
+
+    log(
+        f"offline full fine-tune: {len(rows)} texts, up to {plan.offline_epochs} epochs, lr {plan.offline_lr}, "
+        f"budget {plan.offline_budget_s:.0f}s"
+    )
+    start = time.perf_counter()
+    best, best_state, steps, epochs_run, stopped = -1.0, None, 0, 0, "epochs"
+    model.train()
+    for epoch in range(1, plan.offline_epochs + 1):
+        epochs_run = epoch
+        order = rng.permutation(len(rows))
+        for b in range(0, len(order), bs):
+            idx = order[b : b + bs]
+            loss = model(**encode([rows[i].text for i in idx]), labels=torch.as_tensor(y[idx])).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            steps += 1
+            if time.perf_counter() - start > plan.offline_budget_s:
+                stopped = "time_budget"
+                break
+        a = acc(val) if val else 0.0
+        log(
+            f"offline full fine-tune: epoch {epoch}, {steps} steps, {time.perf_counter() - start:.0f}s, holdout {a:.3f}"
+        )
+        if a > best:
+            best, best_state = a, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if stopped != "epochs":
+            break
+    seconds = time.perf_counter() - start
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result = {
+        "acc_post_test": acc(split.post_test),
+        "acc_pre_test": acc(split.pre_test),
+        "holdout_acc": best,
+        "texts": len(rows),
+        "steps": steps,
+        "epochs_run": epochs_run,
+        "stopped": stopped,
+        "seconds": round(seconds, 1),
+        "seconds_per_step": seconds / max(1, steps),
+        "lr": plan.offline_lr,
+    }
+    return result
+
+
+# ---- TF-IDF baseline ------------------------------------------------------------------------------
+def tfidf_pipeline():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import FeatureUnion, make_pipeline
+
+    features = FeatureUnion(
+        [
+            ("word", TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True)),
+            ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)),
+        ]
+    )
+    return make_pipeline(features, LogisticRegression(C=10.0, max_iter=3000))
+
+
+def run_tfidf(split: Split, recover_within: float = RECOVER_WITHIN) -> dict[str, Any]:
+    """Refit from scratch on all train rows seen so far at each moment; prequential like ours."""
+
+    def fit(rows: list[Row]):
+        t0 = time.perf_counter()
+        m = tfidf_pipeline().fit([r.text for r in rows], [r.label for r in rows])
+        return m, time.perf_counter() - t0
+
+    def correct(m, rows: Sequence[Row]) -> tuple[int, int]:
+        preds = m.predict([r.text for r in rows]) if rows else []
+        return int(sum(p == r.label for p, r in zip(preds, rows, strict=True))), len(rows)
+
+    seen = list(split.pre_train)
+    model, fit_s = fit(seen)
+    fit_times = [fit_s]
+    base = model
+    acc_before = correct(model, split.pre_test)
+    no_learning = [correct(base, c) for c in split.chunks]
+    online: list[tuple[int, int]] = []
+    for k, chunk in enumerate(split.chunks):
+        online.append(correct(model, chunk))
+        seen += split.chunk_train(k)
+        model, fit_s = fit(seen)
+        fit_times.append(fit_s)
+    before = acc_before[0] / max(1, acc_before[1])
+    chunk_acc = chunk_accuracies(online)
+    post = correct(model, split.post_test)
+    pre = correct(model, split.pre_test)
+    # Latency per text, batch 1, like the engine's paced client.
+    texts = [r.text for r in split.post_test][:200]
+    lat = []
+    for t in texts:
+        t0 = time.perf_counter()
+        model.predict([t])
+        lat.append((time.perf_counter() - t0) * 1000.0)
+    return {
+        "acc_before_drift": before,
+        "acc_drift_no_learning": pooled_accuracy(no_learning, 1),
+        "acc_drift": pooled_accuracy(online, 1),
+        "acc_drift_all_chunks": pooled_accuracy(online, 0),
+        "chunk_acc": chunk_acc,
+        "chunk_acc_no_learning": chunk_accuracies(no_learning),
+        "acc_post_test": post[0] / max(1, post[1]),
+        "acc_pre_test": pre[0] / max(1, pre[1]),
+        "forgetting_pts": points(before, pre[0] / max(1, pre[1])),
+        "samples_to_recover": samples_to_recover(
+            chunk_acc, [len(c) for c in split.chunks], before - recover_within
+        ),
+        "fit_seconds_last": fit_times[-1],
+        "fit_seconds_total": sum(fit_times),
+        "infer_p50_ms": common.median(lat),
+        "infer_p99_ms": common.percentile(lat, 99),
+    }
+
+
+# ---- resources: a real learner round in a child while the engine serves ------------------------
+def _write_round_db(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
+    """A SQLite file with the columns ``round.read_training_set``/``read_holdout`` read, ids in order."""
+    con = sqlite3.connect(path)
+    try:
+        con.execute(
+            "CREATE TABLE samples (id INTEGER PRIMARY KEY, text TEXT NOT NULL, label TEXT NOT NULL, split TEXT NOT NULL)"
+        )
+        con.executemany("INSERT INTO samples (text, label, split) VALUES (?, ?, ?)", rows)
+        con.commit()
+    finally:
+        con.close()
+
+
+class PacedClient:
+    """Batch-1 requests at a fixed rate (open loop: a late request goes at once, no catch-up burst)."""
+
+    def __init__(self, engine: Any, texts: list[str], rate_hz: float):
+        self.engine, self.texts, self.interval = engine, texts, 1.0 / rate_hz
+        self.samples: list[tuple[float, float]] = []  # (start, ms)
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="paced-client", daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        nxt = time.perf_counter()
+        while not self._stop.is_set():
+            delay = nxt - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            t0 = time.perf_counter()
+            try:
+                self.engine.predict([self.texts[i % len(self.texts)]], timeout=30)
+                self.samples.append((t0, (time.perf_counter() - t0) * 1000.0))
+            except Exception:  # noqa: BLE001 - counted, the benchmark goes on
+                self.errors += 1
+            i += 1
+            nxt = max(nxt + self.interval, time.perf_counter())
+
+    def start(self) -> PacedClient:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def window(self, t0: float, t1: float) -> list[float]:
+        return [ms for t, ms in self.samples if t0 <= t < t1]
+
+
+def measure_round_under_load(
+    bundle: Path,
+    labels: list[str],
+    split: Split,
+    plan: Plan,
+    ev: Evaluator,
+    base_dir: Path,
+    work: Path,
+    seed: int,
+) -> dict[str, Any]:
+    from agent.learner.manager import LearnerSettings
+    from agent.learner.round import RoundSpec, run_round_process
+
+    s = LearnerSettings()
+    rdir = work / "child"
+    rdir.mkdir(parents=True, exist_ok=True)
+    stored = [(r.text, r.label, "train") for r in split.pre_train] + [
+        (r.text, r.label, "holdout") for r in split.pre_holdout
+    ]
+    since = len(stored)
+    stored += [
+        (r.text, r.label, "holdout" if h else "train")
+        for r, h in zip(split.chunks[0], split.chunk_holdout[0], strict=True)
+    ]
+    _write_round_db(rdir / "samples.db", stored)
+    pause = rdir / "pause"
+    spec = RoundSpec(
+        db_path=str(rdir / "samples.db"),
+        bundle_dir=str(bundle),
+        out_dir=str(rdir / "candidate"),
+        result_path=str(rdir / "result.json"),
+        version="bench-child",
+        parent_dir=str(base_dir),
+        anchor_dir=str(base_dir),
+        precision="fp32",
+        max_train_samples=s.max_train_samples,
+        replay_fraction=s.replay_fraction,
+        since_sample_id=since,
+        epochs=plan.round_epochs,
+        lr=s.lr,
+        batch_size=s.batch_size,
+        anchor_lambda=s.anchor_lambda,
+        time_budget_s=plan.round_budget_s * 2.5,  # a safety cap (1 thread at nice 10 is slower)
+        threads=s.threads,
+        nice=10,
+        seed=seed,
+        pause_file=str(pause),
+        cancel_file=str(rdir / "cancel"),
+    )
+    engine = ev.engine
+    ev.predict(base_dir, ["warm-up"])  # the engine serves the base adapter
+    texts = [r.text for c in split.chunks for r in c]
+    client = PacedClient(engine, texts, plan.latency_rate_hz)
+    log(
+        f"latency: idle {plan.latency_idle_s:.0f}s, then a learner round in a spawned child (nice 10, "
+        f"{s.threads} thread), then idle {plan.latency_idle_s:.0f}s; client {plan.latency_rate_hz:.0f} req/s, batch 1"
+    )
+    client.start()
+    a0 = time.perf_counter()
+    time.sleep(plan.latency_idle_s)
+    c0 = time.perf_counter()
+    proc = mp.get_context("spawn").Process(
+        target=run_round_process, args=(json.dumps(asdict(spec)),), name="learner-bench", daemon=True
+    )
+    proc.start()
+    paused_ticks = 0
+    while proc.is_alive():
+        # LearnerManager._update_pause, once a second like the daemon's tick.
+        if int(engine.stats().get("queue_depth", 0)) > 0:
+            pause.touch()
+            paused_ticks += 1
+        else:
+            pause.unlink(missing_ok=True)
+        proc.join(1.0)
+    c1 = time.perf_counter()
+    pause.unlink(missing_ok=True)
+    time.sleep(plan.latency_idle_s)
+    b1 = time.perf_counter()
+    client.stop()
+    idle = client.window(a0, c0) + client.window(c1, b1)
+    busy = client.window(c0, c1)
+    try:
+        result = json.loads(Path(spec.result_path).read_text())
+    except (OSError, ValueError):
+        result = {"status": "failed", "message": f"child exited with {proc.exitcode} and no result"}
+    p99_idle, p99_busy = common.percentile(idle, 99), common.percentile(busy, 99)
+    out = {
+        "status": result.get("status"),
+        "message": result.get("message", ""),
+        "exitcode": proc.exitcode,
+        "round_wall_seconds": round(c1 - c0, 1),
+        "train_seconds": result.get("seconds"),
+        "steps": result.get("steps"),
+        "n_new": result.get("n_new"),
+        "n_replay": result.get("n_replay"),
+        "peak_rss_mb": result.get("peak_rss_mb"),
+        "candidate_all_acc": (result.get("candidate") or {}).get("all", {}).get("accuracy"),
+        "active_all_acc": (result.get("active") or {}).get("all", {}).get("accuracy"),
+        "requests_idle": len(idle),
+        "requests_training": len(busy),
+        "client_errors": client.errors,
+        "pause_ticks": paused_ticks,
+        "infer_p50_ms_idle": common.median(idle),
+        "infer_p99_ms_idle": p99_idle,
+        "infer_p50_ms_training": common.median(busy),
+        "infer_p99_ms_training": p99_busy,
+        "infer_p99_ratio_training": common.ratio(p99_busy, p99_idle),
+        "infer_p50_ratio_training": common.ratio(common.median(busy), common.median(idle)),
+        "rate_hz": plan.latency_rate_hz,
+    }
+    log(
+        f"latency: idle p50/p99 {common.fmt_num(out['infer_p50_ms_idle'], 2)}/{common.fmt_num(p99_idle, 2)} ms, "
+        f"training p50/p99 {common.fmt_num(out['infer_p50_ms_training'], 2)}/{common.fmt_num(p99_busy, 2)} ms; "
+        f"child {out['status']} in {out['round_wall_seconds']}s (train {out['train_seconds']}s), "
+        f"peak RSS {common.fmt_num(out['peak_rss_mb'], 0)} MB"
+    )
+    return out
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def report(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    d = result["data"]
+    lines = [
+        f"edge-agent learning benchmark: {m['cpu']}, {m['logical_cores']} cores; data: {d['source']}",
+        f"sizes: {json.dumps(d['sizes'])}; bundle labels {len(result['labels'])}",
+        "",
+        "accuracy (%), prequential = each chunk predicted before learning from it; drift = chunks after the first",
+    ]
+    ours, tf = result, result["tfidf"]
+    off = result["offline"]
+    rows = [
+        ["before drift (pre-drift test)", _pct(ours["acc_before_drift"]), _pct(tf["acc_before_drift"])],
+        ["drift, no learning", _pct(ours["acc_drift_no_learning"]), _pct(tf["acc_drift_no_learning"])],
+        ["drift, online learning", _pct(ours["acc_drift_online"]), _pct(tf["acc_drift"])],
+        [
+            "drift, online, incl. first chunk",
+            _pct(ours["acc_drift_online_all_chunks"]),
+            _pct(tf["acc_drift_all_chunks"]),
+        ],
+        ["post-drift test, final model", _pct(ours["acc_online_post_test"]), _pct(tf["acc_post_test"])],
+        ["post-drift test, offline full FT", _pct(ours["acc_offline_full_ft"]), "-"],
+        ["pre-drift test, final model", _pct(ours["acc_online_pre_test"]), _pct(tf["acc_pre_test"])],
+        ["forgetting (points)", common.fmt_num(ours["forgetting_pts"]), common.fmt_num(tf["forgetting_pts"])],
+        ["labeled samples to recover", str(ours["samples_to_recover"]), str(tf["samples_to_recover"])],
+    ]
+    lines.append(common.format_table(["", "LoRA online (ours)", "TF-IDF + LR"], rows))
+    chunks = result["online"]["full"]["chunk_acc"]
+    lines += [
+        "",
+        "per chunk (%): "
+        + "; ".join(
+            f"k{k}: ours {_pct(a)} / no learning {_pct(b)} / tfidf {_pct(c)}"
+            for k, (a, b, c) in enumerate(
+                zip(chunks, result["chunk_acc_no_learning"], tf["chunk_acc"], strict=True)
+            )
+        ),
+        f"recovery_ratio {common.fmt_num(result['recovery_ratio'], 3)} (online final {_pct(ours['acc_online_post_test'])} / "
+        f"offline full FT {_pct(off['acc_post_test'])}; offline {off['steps']} steps in {off['seconds']}s, "
+        f"{off['seconds_per_step']:.2f} s/step)",
+        f"gate: {result['online']['full']['promoted']}/{len(chunks)} rounds promoted; in-process rounds (2 threads) "
+        f"median {common.fmt_num(result['train_seconds_per_round_in_process'])}s",
+    ]
+    r = result["resources"]
+    lines.append(
+        f"inference (batch 1, {r['rate_hz']:.0f} req/s): idle p50/p99 {common.fmt_num(r['infer_p50_ms_idle'], 2)}/"
+        f"{common.fmt_num(r['infer_p99_ms_idle'], 2)} ms, during a round p50/p99 {common.fmt_num(r['infer_p50_ms_training'], 2)}/"
+        f"{common.fmt_num(r['infer_p99_ms_training'], 2)} ms -> ratio {common.fmt_num(r['infer_p99_ratio_training'], 2)}; "
+        f"learner child ({r['status']}): train {r['train_seconds']}s ({r['steps']} steps), wall {r['round_wall_seconds']}s, "
+        f"peak RSS {common.fmt_num(r['peak_rss_mb'], 0)} MB; TF-IDF p99 {common.fmt_num(tf['infer_p99_ms'], 2)} ms, "
+        f"refit {common.fmt_num(tf['fit_seconds_last'], 1)}s"
+    )
+    lines += ["", "ablations (online part; accuracy %, forgetting in points):"]
+    arows = []
+    for name, a in result["ablations"].items():
+        arows.append(
+            [
+                name,
+                _pct(a["acc_drift_online"]),
+                _pct(a["acc_post_test"]),
+                common.fmt_num(a.get("recovery_ratio"), 3),
+                common.fmt_num(a["forgetting_pts"]),
+                str(a["samples_to_recover"]),
+                f"{a['promoted']}/{len(chunks)}",
+                a.get("note", ""),
+            ]
+        )
+    lines.append(
+        common.format_table(
+            [
+                "variant",
+                "acc_drift_online",
+                "post-drift test",
+                "recovery_ratio",
+                "forgetting_pts",
+                "samples_to_recover",
+                "promoted",
+                "note",
+            ],
+            arows,
+            align="lrrrrrrl",
+        )
+    )
+    lines += ["", "targets:"]
+    trows = [
+        [
+            k,
+            common.fmt_num(v["value"], 3) if isinstance(v["value"], float) else v["value"],
+            v["target"],
+            {True: "yes", False: "NO", None: "-"}[v["met"]],
+        ]
+        for k, v in result["targets"].items()
+    ]
+    lines.append(common.format_table(["metric", "value", "target", "met"], trows, align="lrll"))
+    return "\n".join(lines)
+
+
+def _ablation_row(
+    run: dict[str, Any], acc_before: float, chunk_sizes: list[int], acc_offline: float
+) -> dict[str, Any]:
+    return {
+        "acc_drift_online": run["acc_drift_online"],
+        "acc_post_test": run["acc_post_test"],
+        "recovery_ratio": common.ratio(run["acc_post_test"], acc_offline),
+        "acc_pre_test": run["acc_pre_test"],
+        "forgetting_pts": points(acc_before, run["acc_pre_test"]),
+        "samples_to_recover": samples_to_recover(run["chunk_acc"], chunk_sizes, acc_before - RECOVER_WITHIN),
+        "promoted": run["promoted"],
+        "rejected_by_gate": run["rejected_by_gate"],
+    }
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def _ensure_bundle(bundle: Path) -> Path:
+    from agent.bundle import MANIFEST
+
+    if not (bundle / MANIFEST).is_file():
+        from agent.build import build_bundle
+
+        log(f"bundle {bundle} missing: building it")
+        build_bundle(bundle)
+    return bundle
+
+
+def _bundle_for(bundle: Path, labels: list[str], work: Path) -> tuple[Path, bool]:
+    """The given bundle when it knows every label, else one built for ``labels`` in ``work``."""
+    from agent.bundle import load_manifest
+
+    bundle = _ensure_bundle(bundle)
+    known = set(load_manifest(bundle).labels)
+    if set(labels) <= known:
+        return bundle, False
+    from agent.build import build_bundle
+
+    out = work / "bundle"
+    log(
+        f"labels {sorted(set(labels) - known)[:5]}... not in {bundle}: building a bundle for {len(labels)} labels"
+    )
+    build_bundle(out, labels=sorted(labels), precisions=("fp32",))
+    return out, True
+
+
+def run(
+    bundle: Path,
+    plan: Plan,
+    split: Split,
+    seed: int = 0,
+) -> dict[str, Any]:
+    common.limit_threads(THREADS)
+    from agent.bundle import load_manifest
+    from agent.engine import EngineConfig, InferenceEngine
+
+    t_start = time.perf_counter()
+    machine = common.machine_info(THREADS)
+    work = Path(tempfile.mkdtemp(prefix="bench-learning-"))
+    engine = None
+    try:
+        bundle, built = _bundle_for(Path(bundle), split.labels(), work)
+        labels = list(load_manifest(bundle).labels)
+        log(f"data: {split.source}; {json.dumps(split.sizes())}")
+
+        log("TF-IDF + LR baseline")
+        tf = run_tfidf(split)
+        log(
+            f"TF-IDF: before {tf['acc_before_drift']:.3f}, drift no learning {tf['acc_drift_no_learning']:.3f}, "
+            f"online {tf['acc_drift']:.3f}, post test {tf['acc_post_test']:.3f}"
+        )
+        base_dir, base_info = train_base(bundle, split, plan, work, seed)
+        common.limit_threads(THREADS)
+        engine = InferenceEngine.open(
+            bundle,
+            EngineConfig(precision="fp32", provider="cpu", cache_size=0, intra_op_threads=THREADS),
+            work_dir=work / "engine",
+        )
+        ev = Evaluator(engine)
+        acc_before = ev.accuracy(base_dir, split.pre_test)
+        no_learning = [ev.correct(base_dir, c) for c in split.chunks]
+        acc_base_post = ev.accuracy(base_dir, split.post_test)
+        log(
+            f"base adapter: before drift {acc_before:.3f}, drift no learning {pooled_accuracy(no_learning, 1):.3f}, "
+            f"post-drift test {acc_base_post:.3f}"
+        )
+        vs = variants()
+        online = {"full": run_online(bundle, labels, split, plan, ev, base_dir, vs["full"], work, seed)}
+        resources = measure_round_under_load(bundle, labels, split, plan, ev, base_dir, work, seed)
+        offline = offline_full_finetune(bundle, split, plan, seed)
+        log(
+            f"offline full FT: post-drift test {offline['acc_post_test']:.3f}, pre-drift test {offline['acc_pre_test']:.3f}"
+        )
+        if plan.ablations:
+            for name in ("no_replay", "no_lambda"):
+                online[name] = run_online(bundle, labels, split, plan, ev, base_dir, vs[name], work, seed)
+            if online["full"]["rejected_by_gate"]:
+                online["no_gate"] = run_online(
+                    bundle, labels, split, plan, ev, base_dir, vs["no_gate"], work, seed
+                )
+        engine_stats = engine.stats()
+    finally:
+        if engine is not None:
+            engine.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    full = online["full"]
+    sizes = [len(c) for c in split.chunks]
+    ablations = {
+        name: _ablation_row(o, acc_before, sizes, offline["acc_post_test"]) for name, o in online.items()
+    }
+    if plan.ablations and "no_gate" not in online:
+        ablations["no_gate"] = {**ablations["full"], "note": "gate never refused: identical to full"}
+    tf_drift = tf["acc_drift"]
+    to_recover = samples_to_recover(full["chunk_acc"], sizes, acc_before - RECOVER_WITHIN)
+    result: dict[str, Any] = {
+        "acc_before_drift": acc_before,
+        "acc_drift_no_learning": pooled_accuracy(no_learning, 1),
+        "acc_drift_online": full["acc_drift_online"],
+        "acc_offline_full_ft": offline["acc_post_test"],
+        "tfidf_acc_drift": tf_drift,
+        "tfidf_acc_before_drift": tf["acc_before_drift"],
+        "recovery_ratio": common.ratio(full["acc_post_test"], offline["acc_post_test"]),
+        "forgetting_pts": points(acc_before, full["acc_pre_test"]),
+        "samples_to_recover": to_recover,
+        "recover_target": acc_before - RECOVER_WITHIN,
+        "infer_p99_ratio_training": resources["infer_p99_ratio_training"],
+        "learner_peak_rss_mb": resources["peak_rss_mb"],
+        "train_seconds_per_round": resources["train_seconds"],
+        "train_seconds_per_round_in_process": full["train_seconds_mean"],
+        "acc_drift_online_minus_tfidf": full["acc_drift_online"] - tf_drift,
+        "acc_drift_online_all_chunks": full["acc_drift_online_all_chunks"],
+        "acc_drift_no_learning_all_chunks": pooled_accuracy(no_learning, 0),
+        "acc_online_post_test": full["acc_post_test"],
+        "acc_online_pre_test": full["acc_pre_test"],
+        "acc_base_post_test": acc_base_post,
+        "acc_offline_pre_test": offline["acc_pre_test"],
+        "tfidf_acc_drift_no_learning": tf["acc_drift_no_learning"],
+        "tfidf_acc_post_test": tf["acc_post_test"],
+        "tfidf_forgetting_pts": tf["forgetting_pts"],
+        "tfidf_samples_to_recover": tf["samples_to_recover"],
+        "tfidf_infer_p99_ms": tf["infer_p99_ms"],
+        "infer_p99_ms_idle": resources["infer_p99_ms_idle"],
+        "infer_p99_ms_training": resources["infer_p99_ms_training"],
+        "recovered": to_recover is not None,
+        "chunk_acc": full["chunk_acc"],
+        "chunk_acc_no_learning": chunk_accuracies(no_learning),
+        "ablations": ablations,
+        "online": online,
+        "offline": offline,
+        "tfidf": tf,
+        "resources": resources,
+        "base_adapter": base_info,
+        "labels": labels,
+        "built_bundle": built,
+        "data": {"source": split.source, "sizes": split.sizes(), "drift_known": split.drift_known},
+        "plan": asdict(plan),
+        "quick": plan.is_quick,
+        "seed": seed,
+        "engine": {"precision": engine_stats.get("precision"), "provider": engine_stats.get("provider")},
+        "machine": machine,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    result["targets"] = targets(result)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.bench learning", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="model bundle (built if missing)")
+    p.add_argument("--dataset", type=Path, default=None, help="labeled CSV instead of the simulated stream")
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--label-col", default="label")
+    p.add_argument(
+        "--time-col", default=None, help="sort rows by this column (seconds or ISO 8601); else file order"
+    )
+    p.add_argument("--site-col", default=None)
+    p.add_argument(
+        "--pre-fraction", type=float, default=0.5, help="CSV: leading share of rows used as 'pre-drift'"
+    )
+    p.add_argument(
+        "--chunks", type=int, default=None, help="number of stream chunks (default 6; 2 with --quick)"
+    )
+    p.add_argument("--no-ablations", action="store_true", help="skip the ablation reruns")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1-2 epochs (~2 minutes)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    common.pin_thread_env(THREADS)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    plan = Plan.quick() if args.quick else Plan.full()
+    if args.chunks is not None:
+        plan = replace(plan, n_chunks=args.chunks)
+    if args.no_ablations:
+        plan = replace(plan, ablations=False)
+    if args.dataset is not None:
+        split = csv_split(
+            args.dataset,
+            args.text_col,
+            args.label_col,
+            args.time_col,
+            args.site_col,
+            args.pre_fraction,
+            plan.n_chunks,
+        )
+        if args.quick:  # a smoke run: a small slice of each part
+            split = _shrink(split, plan)
+    else:
+        split = simulated_split(plan, args.seed)
+    result = run(args.bundle, plan, split, args.seed)
+    print(report(result), flush=True)
+    if args.json:
+        common.print_json_line(result)
+    return 0
+
+
+def _shrink(split: Split, plan: Plan) -> Split:
+    n_stored = plan.n_pre_stored
+    keep = max(1, int(n_stored * (1 - HOLDOUT_FRACTION)))
+    return replace(
+        split,
+        pre_train=split.pre_train[-keep:],
+        pre_holdout=split.pre_holdout[-(n_stored - keep) :],
+        pre_test=split.pre_test[: plan.n_pre_test],
+        chunks=[c[: plan.chunk_size] for c in split.chunks],
+        chunk_holdout=[h[: plan.chunk_size] for h in split.chunk_holdout],
+        post_test=split.post_test[: plan.n_post_test],
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
