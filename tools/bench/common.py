@@ -408,3 +408,17 @@ def machine_info(threads: int = DEFAULT_THREADS, cpuinfo_text: str | None = None
         "python": platform.python_version(),
         "versions": package_versions(),
     }
+
+
+def targets_table(targets: dict[str, dict[str, Any]]) -> str:
+    """The benchmarks' closing table: metric, value, target, met."""
+    rows = [
+        [
+            k,
+            fmt_num(v["value"], 3) if isinstance(v["value"], float) else v["value"],
+            v["target"],
+            {True: "yes", False: "NO", None: "-"}[v["met"]],
+        ]
+        for k, v in targets.items()
+    ]
+    return format_table(["metric", "value", "target", "met"], rows, align="lrll")

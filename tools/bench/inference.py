@@ -202,16 +202,10 @@ def _train_adapters(bundle: Path, work: Path, plan: Plan, seed: int) -> tuple[Pa
 
 
 def _session_options():
-    import onnxruntime as ort
+    # The engine's own settings, with the thread count pinned for the side-by-side runs.
+    from agent.engine import EngineConfig, _session_options
 
-    # Same as the engine's (agent.engine._session_options) with the thread count pinned.
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return so
+    return _session_options(EngineConfig(intra_op_threads=THREADS))
 
 
 def _adapter_run_options(adapter_dir: Path, manifest, work: Path, name: str):
@@ -612,16 +606,7 @@ def _report(result: dict[str, Any], spreads: dict[str, dict[str, float]]) -> str
             f"ORT profile {pr['precision']} 32x128 ({pr['kernel_ms_per_run']:.0f} ms of kernels/run): {tops}"
         )
     lines += ["", "targets:"]
-    rows = [
-        [
-            k,
-            common.fmt_num(v["value"], 3) if isinstance(v["value"], float) else v["value"],
-            v["target"],
-            {True: "yes", False: "NO", None: "-"}[v["met"]],
-        ]
-        for k, v in result["targets"].items()
-    ]
-    lines.append(common.format_table(["metric", "value", "target", "met"], rows, align="lrll"))
+    lines.append(common.targets_table(result["targets"]))
     return "\n".join(lines)
 
 

@@ -1050,16 +1050,7 @@ def report(result: dict[str, Any]) -> str:
         )
     )
     lines += ["", "targets:"]
-    trows = [
-        [
-            k,
-            common.fmt_num(v["value"], 3) if isinstance(v["value"], float) else v["value"],
-            v["target"],
-            {True: "yes", False: "NO", None: "-"}[v["met"]],
-        ]
-        for k, v in result["targets"].items()
-    ]
-    lines.append(common.format_table(["metric", "value", "target", "met"], trows, align="lrll"))
+    lines.append(common.targets_table(result["targets"]))
     return "\n".join(lines)
 
 
