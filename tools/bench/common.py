@@ -342,10 +342,20 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align
     return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
 
 
+_LOAD_SEEN: list[float] = []
+
+
+def loadavg_seen() -> list[float]:
+    """1-minute load averages sampled at every ``log`` call so far (to flag a contended run)."""
+    return list(_LOAD_SEEN)
+
+
 def log(msg: str) -> None:
-    """Progress to stderr, so stdout keeps only the table and the final JSON line."""
+    """Progress to stderr, so stdout keeps only the table and the final JSON line; samples the load."""
     try:
-        load = f" load {os.getloadavg()[0]:.2f}"
+        one = os.getloadavg()[0]
+        _LOAD_SEEN.append(one)
+        load = f" load {one:.2f}"
     except OSError:
         load = ""
     print(f"[bench {time.strftime('%H:%M:%S')}{load}] {msg}", file=sys.stderr, flush=True)

@@ -568,7 +568,15 @@ def _report(result: dict[str, Any], spreads: dict[str, dict[str, float]]) -> str
         rows.append(row)
     headers = ["config", *(c.replace("b", "", 1).replace("s", "x", 1) for c in case_names)]
     m = result["machine"]
-    lines = [
+    busy = m.get("loadavg_max_during_run")
+    warn = []
+    if busy is not None and m.get("logical_cores") and busy > m["logical_cores"] + 1.0:
+        warn = [
+            f"WARNING: 1-min load average reached {busy:.1f} on {m['logical_cores']} cores during this run (this"
+            " benchmark alone is ~2): other processes competed for the CPU; absolute numbers are pessimistic.",
+            "",
+        ]
+    lines = warn + [
         f"edge-agent inference benchmark: {m['cpu']}, {m['logical_cores']} cores, {THREADS} threads, "
         f"median ms of {result['runs']} interleaved runs (speedup vs torch fp32 eager) ±(p90-p10)/median",
         "",
@@ -695,6 +703,7 @@ def run(bundle: Path, plan: Plan, seed: int = 0) -> tuple[dict[str, Any], dict[s
             "ort_providers": ort.get_available_providers(),
             "engine_provider": engine_stats.get("provider"),
             "torch_threads": torch.get_num_threads(),
+            "loadavg_max_during_run": max(common.loadavg_seen(), default=None),
         }
     )
     result: dict[str, Any] = {

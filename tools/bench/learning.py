@@ -23,8 +23,9 @@ Protocol (simulated by default, the same on ``--dataset CSV``):
   label, as ``round.read_training_set``), 10 % of that set for early stopping, and the
   ``anchor_lambda`` (1e-3) pull toward the pre-drift base adapter (the "fleet" anchor). The gate
   (``policy.promotion_decision``, default ``GatePolicy``) compares candidate and active on the
-  holdout split into older/recent halves (as ``round.read_holdout``); the candidate is promoted
-  or dropped. A chunk counts as trained either way (as the daemon does). Chunk rounds train at most
+  holdout split as ``round.read_holdout`` does (recent = the holdout rows of the chunk just
+  received, i.e. newer than the last round; older = the rows before them, newest 4,000); the
+  candidate is promoted or dropped. A chunk counts as trained either way (as the daemon does). Chunk rounds train at most
   ``round_epochs`` (4) epochs: they continue from an adapter that already fits the task.
   ``acc_drift_online``: pooled prequential accuracy over the drifted chunks *after the first* (the
   first is predicted before any drifted label exists, so it equals no learning);
@@ -262,7 +263,9 @@ def training_set(
     return [rows[i].text for i in order], [rows[i].label for i in order], len(new), len(replay)
 
 
-def holdout_slices(older: Sequence[Row], new: Sequence[Row], limit: int = HOLDOUT_LIMIT) -> tuple[list[Row], list[Row]]:
+def holdout_slices(
+    older: Sequence[Row], new: Sequence[Row], limit: int = HOLDOUT_LIMIT
+) -> tuple[list[Row], list[Row]]:
     """``round.read_holdout`` on lists: recent = holdout rows that arrived with this round's data
     (what the candidate should fix), older = the newest ``limit`` rows before them (what it must
     not forget). Without new rows the newest quarter stands in for recent."""
