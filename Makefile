@@ -25,6 +25,7 @@ setup: $(VENV)/.installed
 
 lint: setup
 	$(BIN)/ruff check agent tools tests
+	$(BIN)/ruff format --check agent tools tests
 	$(BIN)/mypy agent
 
 test: setup lint

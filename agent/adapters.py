@@ -126,8 +126,9 @@ def to_ort_arrays(
             pair = lora.get((layer, target), {})
             if set(pair) != {"A", "B"}:
                 raise AdapterError(f"layer {layer} {target}: lora_A and lora_B must both be present")
-            a, b = _checked(pair["A"], f"layer {layer} {target} lora_A"), _checked(
-                pair["B"], f"layer {layer} {target} lora_B"
+            a, b = (
+                _checked(pair["A"], f"layer {layer} {target} lora_A"),
+                _checked(pair["B"], f"layer {layer} {target} lora_B"),
             )
             r = a.shape[0]
             if a.shape != (r, h) or b.shape != (h, r):

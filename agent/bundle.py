@@ -106,7 +106,9 @@ def check_bundle(bundle_dir: Path, verify_hash: bool = True) -> list[str]:
         if not f.is_file():
             problems.append(f"precision {name}: {p.file} is missing")
         elif p.size_bytes and f.stat().st_size != p.size_bytes:
-            problems.append(f"precision {name}: {p.file} has {f.stat().st_size} bytes, manifest says {p.size_bytes}")
+            problems.append(
+                f"precision {name}: {p.file} has {f.stat().st_size} bytes, manifest says {p.size_bytes}"
+            )
     if not (bundle_dir / TOKENIZER_JSON).is_file():
         problems.append(f"{TOKENIZER_JSON} is missing")
     base = bundle_dir / BASE_WEIGHTS

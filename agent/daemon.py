@@ -118,7 +118,9 @@ def engine_config(boot: BootstrapConfig, runtime: RuntimeConfig) -> Any:
     )
 
 
-def open_engine(boot: BootstrapConfig, runtime: RuntimeConfig, calibration_texts: list[str] | None = None) -> EngineLike:
+def open_engine(
+    boot: BootstrapConfig, runtime: RuntimeConfig, calibration_texts: list[str] | None = None
+) -> EngineLike:
     from agent.engine import InferenceEngine
 
     return InferenceEngine.open(
@@ -148,7 +150,9 @@ def learner_settings(runtime: RuntimeConfig) -> LearnerSettings:
             max_inference_p99_ms=ls.max_inference_p99_ms,
         ),
         gate=learner_policy.GatePolicy(epsilon=ls.gate_epsilon, delta=ls.gate_delta),
-        rollback=learner_policy.RollbackPolicy(min_feedback=ls.rollback_min_feedback, max_drop=ls.rollback_max_drop),
+        rollback=learner_policy.RollbackPolicy(
+            min_feedback=ls.rollback_min_feedback, max_drop=ls.rollback_max_drop
+        ),
         schedule=list(ls.schedule),
         epochs=ls.epochs,
         lr=ls.learning_rate,
@@ -231,7 +235,14 @@ class Replier:
         """A bad message: error reply, counter, log line, ack. Nothing else changes."""
         self.counters.inc("rejected", str(err.code))
         self.counters.inc("rejected_by_topic", str(kind))
-        log.warning("rejected %s message (mid %d, id %s): %s: %s", kind, msg.mid, err.request_id, err.code, err.message)
+        log.warning(
+            "rejected %s message (mid %d, id %s): %s: %s",
+            kind,
+            msg.mid,
+            err.request_id,
+            err.code,
+            err.message,
+        )
         self.reply(kind, msg, err.payload(**extra))
         self.transport.ack(msg)
 
@@ -310,7 +321,10 @@ class IngestWriter(threading.Thread):
             except StorageError as e:
                 self._storage_failed(e, pending)
                 if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
-                    log.error("stopping with %d messages uncommitted (not acked: the broker keeps them)", len(pending))
+                    log.error(
+                        "stopping with %d messages uncommitted (not acked: the broker keeps them)",
+                        len(pending),
+                    )
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, STORAGE_RETRY_MAX_S)
@@ -369,7 +383,9 @@ class IngestWriter(threading.Thread):
                     p.kind,
                     p.msg,
                     MessageError(
-                        ErrorCode.UNKNOWN_PREDICTION, f"no prediction with id {p.row.prediction_id!r}", p.request_id
+                        ErrorCode.UNKNOWN_PREDICTION,
+                        f"no prediction with id {p.row.prediction_id!r}",
+                        p.request_id,
                     ),
                     prediction_id=p.row.prediction_id,
                 )
@@ -384,7 +400,10 @@ class IngestWriter(threading.Thread):
 
     def _maybe_retention(self) -> None:
         now = time.monotonic()
-        if self._rows_since_retention < RETENTION_EVERY_ROWS and now - self._last_retention < RETENTION_EVERY_S:
+        if (
+            self._rows_since_retention < RETENTION_EVERY_ROWS
+            and now - self._last_retention < RETENTION_EVERY_S
+        ):
             return
         self._last_retention = now
         self._rows_since_retention = 0
@@ -415,7 +434,9 @@ def not_available(name: str, part: str) -> CommandHandler:
     """The answer for commands whose part of the agent is not in this build (learner, sync)."""
 
     def handler(args: dict[str, Any]) -> dict[str, Any]:
-        raise CommandError(ErrorCode.NOT_AVAILABLE, f"{name} is not available in this build: it needs the {part}")
+        raise CommandError(
+            ErrorCode.NOT_AVAILABLE, f"{name} is not available in this build: it needs the {part}"
+        )
 
     return handler
 
@@ -468,7 +489,9 @@ class EdgeAgent:
     # ---- init ----------------------------------------------------------------------------------
     def init_store(self) -> None:
         self.store = Store(
-            self.boot.db_path, synchronous=self.boot.store.synchronous, busy_timeout_ms=self.boot.store.busy_timeout_ms
+            self.boot.db_path,
+            synchronous=self.boot.store.synchronous,
+            busy_timeout_ms=self.boot.store.busy_timeout_ms,
         ).open()
 
     def init_runtime_config(self) -> None:
@@ -480,7 +503,9 @@ class EdgeAgent:
         try:
             self.runtime = parse_runtime(saved)
         except ConfigError as e:
-            log.error("stored config version %s no longer validates (%s); using defaults", saved.get("version"), e)
+            log.error(
+                "stored config version %s no longer validates (%s); using defaults", saved.get("version"), e
+            )
             return
         log.info("runtime config: version %d from the store", self.runtime.version)
 
@@ -509,7 +534,8 @@ class EdgeAgent:
         learner = self.learner
         self.register_command("train_now", lambda args: self._learner_answer(learner.train_now()))
         self.register_command(
-            "rollback", lambda args: self._learner_answer(learner.rollback(args.get("version"), reason="command"))
+            "rollback",
+            lambda args: self._learner_answer(learner.rollback(args.get("version"), reason="command")),
         )
         self.register_command("cancel_training", lambda args: self._learner_answer(learner.cancel()))
 
@@ -578,7 +604,9 @@ class EdgeAgent:
         for t in self._threads:
             t.join(5.0)
         if self.transport.connected:
-            self.transport.publish_and_wait(self.topics.status, self._status_payload("offline", clean=True), retain=True)
+            self.transport.publish_and_wait(
+                self.topics.status, self._status_payload("offline", clean=True), retain=True
+            )
         if self.learner is not None:
             self.learner.stop()
         self.transport.stop()
@@ -589,7 +617,9 @@ class EdgeAgent:
 
     def healthy(self) -> bool:
         """Fed to the watchdog: our threads alive and the writer looping."""
-        threads_ok = self.transport.alive and self.writer.is_alive() and all(t.is_alive() for t in self._threads)
+        threads_ok = (
+            self.transport.alive and self.writer.is_alive() and all(t.is_alive() for t in self._threads)
+        )
         return threads_ok and time.monotonic() - self.writer.heartbeat < WRITER_STALL_S
 
     # ---- inbound -------------------------------------------------------------------------------
@@ -625,12 +655,16 @@ class EdgeAgent:
         elif isinstance(model, Sample):
             if not self._check_label(kind, model.label, model.id, msg):
                 return
-            row = NewSample(key=model.key(), text=model.text, label=model.label, sample_id=model.id, ts=model.ts)
+            row = NewSample(
+                key=model.key(), text=model.text, label=model.label, sample_id=model.id, ts=model.ts
+            )
             self.writer.put(Pending(kind, row, msg, model.id))
         elif isinstance(model, Feedback):
             if not self._check_label(kind, model.label, model.id, msg):
                 return
-            fb = NewFeedback(key=model.key(), prediction_id=model.prediction_id, label=model.label, feedback_id=model.id)
+            fb = NewFeedback(
+                key=model.key(), prediction_id=model.prediction_id, label=model.label, feedback_id=model.id
+            )
             self.writer.put(Pending(kind, fb, msg, model.id))
         elif isinstance(model, Command):
             self._control.put(("cmd", model, msg))
@@ -661,7 +695,9 @@ class EdgeAgent:
             return
         future.add_done_callback(lambda f: self._infer_done(req, msg, f, None))
 
-    def _infer_done(self, req: InferRequest, msg: InboundMessage, future: Future | None, exc: BaseException | None) -> None:
+    def _infer_done(
+        self, req: InferRequest, msg: InboundMessage, future: Future | None, exc: BaseException | None
+    ) -> None:
         try:
             if future is not None:
                 exc = future.exception()
@@ -693,7 +729,9 @@ class EdgeAgent:
             return
         future.add_done_callback(lambda f: self._event_done(event, msg, f, None))
 
-    def _event_done(self, event: Event, msg: InboundMessage, future: Future | None, exc: BaseException | None) -> None:
+    def _event_done(
+        self, event: Event, msg: InboundMessage, future: Future | None, exc: BaseException | None
+    ) -> None:
         try:
             pid = event_id(event, msg.payload)
             if future is not None:
@@ -765,7 +803,9 @@ class EdgeAgent:
             **extra,
         }
 
-    def _reject_config(self, err: MessageError, msg: InboundMessage | None, version: int | None = None) -> None:
+    def _reject_config(
+        self, err: MessageError, msg: InboundMessage | None, version: int | None = None
+    ) -> None:
         if version is None and err.request_id is not None and err.request_id.isdigit():
             version = int(err.request_id)
         self.counters.inc("rejected", str(err.code))
@@ -776,7 +816,9 @@ class EdgeAgent:
             self.store.save_config(version or 0, {}, accepted=False, errors=errors)
         except StorageError as e:
             log.warning("could not record the rejected config: %s", e)
-        self.replier.reply(Kind.CONFIG, msg, self._config_state("rejected", version, code=str(err.code), errors=errors))
+        self.replier.reply(
+            Kind.CONFIG, msg, self._config_state("rejected", version, code=str(err.code), errors=errors)
+        )
         if msg is not None:
             self.transport.ack(msg)
 
@@ -785,17 +827,25 @@ class EdgeAgent:
         current = self.runtime
         v = desired.version
         if v == 0:
-            err = MessageError(ErrorCode.INVALID_PAYLOAD, "published configs need a version >= 1", "0", ["version: must be >= 1"])
+            err = MessageError(
+                ErrorCode.INVALID_PAYLOAD,
+                "published configs need a version >= 1",
+                "0",
+                ["version: must be >= 1"],
+            )
             self._reject_config(err, msg, 0)
             return False
         if v < current.version:
-            err = MessageError(ErrorCode.STALE_VERSION, f"version {v} is older than the active version {current.version}")
+            err = MessageError(
+                ErrorCode.STALE_VERSION, f"version {v} is older than the active version {current.version}"
+            )
             self._reject_config(err, msg, v)
             return False
         if v == current.version:
             if desired.body() != current.body():
                 err = MessageError(
-                    ErrorCode.VERSION_CONFLICT, f"version {v} is already active with different content; publish version {v + 1}"
+                    ErrorCode.VERSION_CONFLICT,
+                    f"version {v} is already active with different content; publish version {v + 1}",
                 )
                 self._reject_config(err, msg, v)
                 return False
@@ -808,7 +858,9 @@ class EdgeAgent:
             self.engine.apply_config(self._engine_config(self.boot, desired))
         except Exception as e:
             self._restore_engine(current)
-            self._reject_config(MessageError(ErrorCode.INVALID_PAYLOAD, f"the engine refused it: {e}"), msg, v)
+            self._reject_config(
+                MessageError(ErrorCode.INVALID_PAYLOAD, f"the engine refused it: {e}"), msg, v
+            )
             return False
         try:
             self.store.save_config(v, desired.body(), accepted=True)
@@ -857,7 +909,9 @@ class EdgeAgent:
         base = {"id": cmd.id, "cmd": cmd.cmd}
         try:
             if handler is None:
-                raise CommandError(ErrorCode.UNKNOWN_COMMAND, f"unknown command {cmd.cmd!r}; known: {sorted(self.commands)}")
+                raise CommandError(
+                    ErrorCode.UNKNOWN_COMMAND, f"unknown command {cmd.cmd!r}; known: {sorted(self.commands)}"
+                )
             result = handler(dict(cmd.args))
         except CommandError as e:
             self.counters.inc("command_errors", str(e.code))
@@ -905,9 +959,13 @@ class EdgeAgent:
             try:
                 new = load_bootstrap(self.config_path)
             except ConfigError as e:
-                raise CommandError(ErrorCode.INVALID_PAYLOAD, f"bootstrap file invalid: {'; '.join(e.errors)}") from e
+                raise CommandError(
+                    ErrorCode.INVALID_PAYLOAD, f"bootstrap file invalid: {'; '.join(e.errors)}"
+                ) from e
             old_dump, new_dump = self.boot.model_dump(mode="json"), new.model_dump(mode="json")
-            result["restart_required"] = sorted(k for k in new_dump if k != "log_level" and new_dump[k] != old_dump[k])
+            result["restart_required"] = sorted(
+                k for k in new_dump if k != "log_level" and new_dump[k] != old_dump[k]
+            )
             if new.log_level != self.boot.log_level:
                 logging.getLogger().setLevel(new.log_level)
                 self.boot = self.boot.model_copy(update={"log_level": new.log_level})
@@ -993,8 +1051,10 @@ class EdgeAgent:
 
 def setup_logging(level: str) -> None:
     # Under systemd the journal stamps the time itself.
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else (
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if os.environ.get("JOURNAL_STREAM")
+        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
     logging.getLogger("agent.mqtt.paho").setLevel(max(logging.getLevelName(level), logging.INFO))
@@ -1110,7 +1170,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """The daemon's subcommands, for a CLI that wants them as they are."""
     r = sub.add_parser("run", help="run the agent daemon")
     r.add_argument("--config", required=True, help="bootstrap TOML file")
-    r.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override the file's log_level")
+    r.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override the file's log_level"
+    )
     r.set_defaults(func=cmd_run)
     v = sub.add_parser("validate-config", help="check a config file (TOML bootstrap, or JSON runtime config)")
     v.add_argument("path")

@@ -120,7 +120,14 @@ class InferenceEngine:
         self._queue: queue.Queue = queue.Queue()
         self._latencies: deque[float] = deque(maxlen=4096)
         self._done_times: deque[float] = deque(maxlen=4096)
-        self._counters = {"requests": 0, "texts": 0, "batches": 0, "cache_hits": 0, "cache_misses": 0, "errors": 0}
+        self._counters = {
+            "requests": 0,
+            "texts": 0,
+            "batches": 0,
+            "cache_hits": 0,
+            "cache_misses": 0,
+            "errors": 0,
+        }
         self._under_load = False
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="inference-batcher", daemon=True)
@@ -155,7 +162,9 @@ class InferenceEngine:
         if plan.precision == "auto":
             plan = replace(
                 plan,
-                precision=_measure_cpu_precision(bundle_dir, manifest, config, adapter, work_dir, calibration_texts),
+                precision=_measure_cpu_precision(
+                    bundle_dir, manifest, config, adapter, work_dir, calibration_texts
+                ),
             )
         session, plan = _create_session(bundle_dir, manifest, plan, config)
         engine = cls(manifest, bundle_dir, session, plan, config, work_dir)
@@ -495,8 +504,10 @@ def _measure_cpu_precision(
     texts = list(dict.fromkeys(calibration_texts or []))[:256] or CALIBRATION_TEXTS
     encs = tok.encode_batch(texts)
     # Agreement over every calibration text (in chunks); timing on a batch of 16 and a single text.
-    agree_feeds = [dict(zip(("input_ids", "attention_mask"), pad_ids([e.ids for e in encs[i : i + 64]]), strict=True))
-                   for i in range(0, len(encs), 64)]
+    agree_feeds = [
+        dict(zip(("input_ids", "attention_mask"), pad_ids([e.ids for e in encs[i : i + 64]]), strict=True))
+        for i in range(0, len(encs), 64)
+    ]
     ids, mask = pad_ids([e.ids for e in encs[:16]])
     feeds_batch = {"input_ids": ids, "attention_mask": mask}
     feeds_one = {"input_ids": ids[:1, : int(mask[0].sum())], "attention_mask": mask[:1, : int(mask[0].sum())]}
@@ -511,7 +522,9 @@ def _measure_cpu_precision(
     trials: dict[str, prov.PrecisionTrial] = {}
     reference = None
     for name in ("fp32", "int8"):
-        sess = ort.InferenceSession(str(bundle_dir / manifest.precisions[name].file), so, providers=[prov.CPU])
+        sess = ort.InferenceSession(
+            str(bundle_dir / manifest.precisions[name].file), so, providers=[prov.CPU]
+        )
         runs = [sess.run(None, f, options) for f in agree_feeds]
         logits = np.concatenate([r[0] for r in runs])
         pooled = np.concatenate([r[1] for r in runs])

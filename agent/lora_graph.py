@@ -97,7 +97,11 @@ def add_lora_and_head_inputs(model: onnx.ModelProto, hidden_size: int, num_layer
             helper.make_node("MatMul", [f"{p}.xa", b_name], [f"{p}.xab"], name=f"{p}.lora_b"),
             helper.make_node("Add", [f"{p}.qkv", f"{p}.xab"], [f"{p}.qkv_lora"], name=f"{p}.lora_add"),
             helper.make_node(
-                "Split", [f"{p}.qkv_lora", split_sizes], [f"{p}.q", f"{p}.k", f"{p}.v"], axis=2, name=f"{p}.split"
+                "Split",
+                [f"{p}.qkv_lora", split_sizes],
+                [f"{p}.q", f"{p}.k", f"{p}.v"],
+                axis=2,
+                name=f"{p}.split",
             ),
             helper.make_node(
                 "MultiHeadAttention",

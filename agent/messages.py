@@ -61,7 +61,9 @@ class ErrorCode(StrEnum):
 class MessageError(Exception):
     """A message that cannot be accepted: ``code`` for counters, ``message`` for people."""
 
-    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None, details: list[str] | None = None):
+    def __init__(
+        self, code: ErrorCode, message: str, request_id: str | None = None, details: list[str] | None = None
+    ):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -72,7 +74,9 @@ class MessageError(Exception):
         return error_payload(self.code, self.message, self.request_id, **extra)
 
 
-def error_payload(code: ErrorCode, message: str, request_id: str | None = None, **extra: Any) -> dict[str, Any]:
+def error_payload(
+    code: ErrorCode, message: str, request_id: str | None = None, **extra: Any
+) -> dict[str, Any]:
     return {"id": request_id, **extra, "error": {"code": str(code), "message": message}}
 
 
@@ -93,7 +97,9 @@ def _clean_text(value: str) -> str:
 
 
 Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_clean_text)]
-Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS), AfterValidator(_clean_text)]
+Label = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS), AfterValidator(_clean_text)
+]
 # Printable ASCII without spaces: ids end up in logs, topics of replies and SQLite keys.
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[!-~]+$")]
 Timestamp = Annotated[float, Field(ge=0, le=1e11, description="seconds since the epoch")]
@@ -154,7 +160,9 @@ class Feedback(_Message):
 
 
 class Command(_Message):
-    id: Id = Field(description="command id, echoed in the result; a redelivered id is answered from the audit")
+    id: Id = Field(
+        description="command id, echoed in the result; a redelivered id is answered from the audit"
+    )
     cmd: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z_]{0,31}$")] = Field(description="command name")
     args: dict[str, JsonValue] = Field(default_factory=dict, description="command arguments")
 
@@ -208,7 +216,9 @@ def decode_json(payload: bytes, limit: int) -> Any:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise MessageError(ErrorCode.INVALID_UTF8, f"payload is not UTF-8 ({e.reason} at byte {e.start})") from None
+        raise MessageError(
+            ErrorCode.INVALID_UTF8, f"payload is not UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
     try:
         value = _DECODER.decode(text)
     except RecursionError:

@@ -115,7 +115,9 @@ class MqttClient:
         )
         paho_log = logging.getLogger("agent.mqtt.paho")
         # paho's loop logs "Client is not connected" at ERROR once after every clean disconnect.
-        paho_log.addFilter(lambda r: not (self._stopping and str(r.msg).startswith("Client is not connected")))
+        paho_log.addFilter(
+            lambda r: not (self._stopping and str(r.msg).startswith("Client is not connected"))
+        )
         client.enable_logger(paho_log)
         # paho annotates these as int; it only ever adds and compares them, so seconds as floats work.
         client.reconnect_delay_set(
@@ -199,7 +201,9 @@ class MqttClient:
             # NO_CONN: queued, sent after the reconnect. Anything else (queue full): dropped.
             log.warning("publish to %s dropped: %s", topic, paho.error_string(info.rc))
 
-    def publish_and_wait(self, topic: str, payload: Payload, *, retain: bool = False, timeout: float = 2.0) -> bool:
+    def publish_and_wait(
+        self, topic: str, payload: Payload, *, retain: bool = False, timeout: float = 2.0
+    ) -> bool:
         if not self._connected:
             return False
         info = self._client.publish(topic, encode(payload), qos=QOS, retain=retain)
@@ -215,7 +219,12 @@ class MqttClient:
         with self._lock:
             if not self._connected or msg.generation != self._generation:
                 # The broker redelivers it on the new connection; see the module docstring.
-                log.debug("ack of mid %d from connection %d skipped (now %d)", msg.mid, msg.generation, self._generation)
+                log.debug(
+                    "ack of mid %d from connection %d skipped (now %d)",
+                    msg.mid,
+                    msg.generation,
+                    self._generation,
+                )
                 return
             self._client.ack(msg.mid, msg.qos)
 
@@ -248,7 +257,15 @@ class MqttClient:
         )
         _, self._subscribe_mid = client.subscribe(
             [
-                (t, SubscribeOptions(qos=QOS, retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE if retained else SubscribeOptions.RETAIN_DO_NOT_SEND))
+                (
+                    t,
+                    SubscribeOptions(
+                        qos=QOS,
+                        retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+                        if retained
+                        else SubscribeOptions.RETAIN_DO_NOT_SEND,
+                    ),
+                )
                 for t, retained in self._subscriptions.items()
             ]
         )

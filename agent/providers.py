@@ -20,7 +20,9 @@ class ExecutionPlan:
     note: str = ""
 
 
-def plan_execution(available: list[str], provider: str, precision: str, bundle_precisions: set[str]) -> ExecutionPlan:
+def plan_execution(
+    available: list[str], provider: str, precision: str, bundle_precisions: set[str]
+) -> ExecutionPlan:
     """Pick providers and precision from what ORT offers, what was asked for and what the bundle has.
 
     ``provider``: auto | cpu | cuda | tensorrt. A GPU provider that is asked for but absent falls
@@ -57,7 +59,9 @@ class PrecisionTrial:
     agreement: float  # top-1 agreement with fp32 on calibration texts (1.0 for fp32 itself)
 
 
-def choose_cpu_precision(trials: dict[str, PrecisionTrial], min_agreement: float = 0.99, min_gain: float = 0.05) -> str:
+def choose_cpu_precision(
+    trials: dict[str, PrecisionTrial], min_agreement: float = 0.99, min_gain: float = 0.05
+) -> str:
     """The fastest precision whose predictions agree with fp32; a lower precision must win by ``min_gain``."""
     if "fp32" not in trials:
         raise ValueError("fp32 trial is the reference and must be present")

@@ -239,7 +239,9 @@ class Store:
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                conn = sqlite3.connect(self.path, timeout=self._busy_timeout_ms / 1000.0, check_same_thread=False)
+                conn = sqlite3.connect(
+                    self.path, timeout=self._busy_timeout_ms / 1000.0, check_same_thread=False
+                )
                 conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
                 conn.execute(f"PRAGMA synchronous = {self._synchronous}")
                 conn.execute("PRAGMA foreign_keys = ON")
@@ -315,7 +317,9 @@ class Store:
         return [r[0] for r in rows]
 
     # ---- inbound writes ----------------------------------------------------------------------
-    def write(self, rows: Sequence[NewRow], holdout_fraction: float, now: float | None = None) -> list[Outcome]:
+    def write(
+        self, rows: Sequence[NewRow], holdout_fraction: float, now: float | None = None
+    ) -> list[Outcome]:
         """Insert ``rows`` in one transaction; one outcome per row. Raises StorageError, all or nothing."""
         now = time.time() if now is None else now
         conn = self.db.conn
@@ -426,7 +430,9 @@ class Store:
         try:
             t = self._totals
             limit = min(limits.max_samples, self._rows_within_bytes(limits.max_sample_bytes))
-            drop_train, drop_holdout = retention_plan(t["samples"], t["holdout"], limit, limits.holdout_fraction)
+            drop_train, drop_holdout = retention_plan(
+                t["samples"], t["holdout"], limit, limits.holdout_fraction
+            )
             deleted["train"] = self._delete_oldest(db, "samples", drop_train, "split = 'train'", "id")
             deleted["holdout"] = self._delete_oldest(db, "samples", drop_holdout, "split = 'holdout'", "id")
             cutoff = now - limits.prediction_retention_days * 86400.0
@@ -483,7 +489,9 @@ class Store:
         return done
 
     # ---- config versions ---------------------------------------------------------------------
-    def save_config(self, version: int, body: dict[str, Any], accepted: bool, errors: Iterable[str] = ()) -> None:
+    def save_config(
+        self, version: int, body: dict[str, Any], accepted: bool, errors: Iterable[str] = ()
+    ) -> None:
         try:
             with self.db.atomic() as db:
                 db.execute(
@@ -556,7 +564,9 @@ class Store:
         ids = list(ids)
         try:
             with self.db.atomic() as db:
-                db.conn.executemany("UPDATE outbox SET sent_at = ? WHERE id = ?", [(time.time(), i) for i in ids])
+                db.conn.executemany(
+                    "UPDATE outbox SET sent_at = ? WHERE id = ?", [(time.time(), i) for i in ids]
+                )
         except sqlite3.Error as e:
             raise storage_error(e) from e
 

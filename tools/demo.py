@@ -56,7 +56,7 @@ class Client:
         except ValueError:
             return
         with self.cond:
-            self.msgs.append((m.topic[len(BASE):], body))
+            self.msgs.append((m.topic[len(BASE) :], body))
             self.cond.notify_all()
 
     def publish(self, suffix: str, body: dict, retain: bool = False) -> None:
@@ -91,17 +91,26 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     port = free_port()
-    (work / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (work / "mosquitto.conf").write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+    )
+    broker = subprocess.Popen(
+        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     config = work / "edge-agent.toml"
     config.write_text(
         f'site = "{SITE}"\ndevice = "{DEVICE}"\ndata_dir = "{work / "data"}"\n'
         f'bundle = "{Path(args.bundle).resolve()}"\nlog_level = "INFO"\n\n[broker]\nhost = "127.0.0.1"\nport = {port}\n'
     )
     log = (work / "agent.log").open("w")
-    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     print(f"mosquitto on 127.0.0.1:{port}; edge-agent started (log: {work / 'agent.log'})")
     try:
         time.sleep(1.0)
@@ -123,10 +132,23 @@ def main(argv: list[str] | None = None) -> int:
             return acc
 
         before = report("q0", "base model over MQTT (untrained head)")
-        plant.publish("config", {"version": 1, "learning": {
-            "enabled": True, "min_new_samples": args.samples // 2, "min_interval_s": 0, "epochs": 4,
-            "max_cpu_percent": 100, "min_free_memory_mb": 256, "max_inference_p99_ms": 10000},
-            "telemetry": {"interval_s": 5}}, retain=True)
+        plant.publish(
+            "config",
+            {
+                "version": 1,
+                "learning": {
+                    "enabled": True,
+                    "min_new_samples": args.samples // 2,
+                    "min_interval_s": 0,
+                    "epochs": 4,
+                    "max_cpu_percent": 100,
+                    "min_free_memory_mb": 256,
+                    "max_inference_p99_ms": 10000,
+                },
+                "telemetry": {"interval_s": 5},
+            },
+            retain=True,
+        )
         state = plant.expect("config/state", lambda b: b.get("version") == 1, 30)
         print(f"\nruntime config v1 {state['status']} (learning enabled)")
         print(f"publishing {len(train)} labeled samples from a simulated plant ...")
@@ -145,15 +167,19 @@ def main(argv: list[str] | None = None) -> int:
                 answered += 1
                 if time.monotonic() - t0 > 900:
                     raise
-        print(f"round finished in {time.monotonic() - t0:.0f}s: {finished['status']}"
-              f" (holdout {finished.get('active_accuracy', 0):.3f} -> {finished.get('candidate_accuracy', 0):.3f});"
-              f" {answered} requests answered meanwhile")
+        print(
+            f"round finished in {time.monotonic() - t0:.0f}s: {finished['status']}"
+            f" (holdout {finished.get('active_accuracy', 0):.3f} -> {finished.get('candidate_accuracy', 0):.3f});"
+            f" {answered} requests answered meanwhile"
+        )
         after = report("q1", "same questions after the hot swap")
         print(f"\naccuracy {before:.3f} -> {after:.3f}")
         tele = plant.expect("telemetry", lambda b: True, 30, after=len(plant.msgs))
         inf = tele.get("inference", {})
-        print(f"telemetry: inference p50 {inf.get('p50_ms', 0):.1f} ms, p99 {inf.get('p99_ms', 0):.1f} ms,"
-              f" precision {inf.get('precision')}, store {tele.get('store')}")
+        print(
+            f"telemetry: inference p50 {inf.get('p50_ms', 0):.1f} ms, p99 {inf.get('p99_ms', 0):.1f} ms,"
+            f" precision {inf.get('precision')}, store {tele.get('store')}"
+        )
     finally:
         agent.send_signal(signal.SIGTERM)
         code = agent.wait(60)

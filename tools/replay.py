@@ -76,8 +76,15 @@ def load_csv(
         header = [name.strip() for name in next(reader, [])]
         if not header:
             raise CsvFormatError(f"{path}: no header row")
-        wanted = {"--text-col": text_col, "--label-col": label_col, "--time-col": time_col, "--site-col": site_col}
-        missing = [f"{column!r} ({option})" for option, column in wanted.items() if column and column not in header]
+        wanted = {
+            "--text-col": text_col,
+            "--label-col": label_col,
+            "--time-col": time_col,
+            "--site-col": site_col,
+        }
+        missing = [
+            f"{column!r} ({option})" for option, column in wanted.items() if column and column not in header
+        ]
         if missing:
             raise CsvFormatError(
                 f"{path}: column {', '.join(missing)} not in header; columns are: {', '.join(header)}"
@@ -141,10 +148,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m tools.replay`."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
-        records = load_csv(args.csv, args.text_col, args.label_col, args.time_col, args.site_col, args.delimiter)
+        records = load_csv(
+            args.csv, args.text_col, args.label_col, args.time_col, args.site_col, args.delimiter
+        )
         topics = {site: samples_topic(site, args.device) for site in dict.fromkeys(r.site for r in records)}
     except (OSError, ValueError) as e:
         log.error("%s", e)

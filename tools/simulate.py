@@ -117,7 +117,11 @@ _SYMPTOMS: dict[str, tuple[_Symptom, ...]] = {
     "electrical": (
         ("motor current {amps}A above limit", "Motor overload", "motor tripping on overload"),
         ("breaker Q{n} tripped", "Circuit breaker tripped", "breaker Q{n} tripped again"),
-        ("drive fault undervoltage DC bus {volts}V", "Drive undervoltage", "drive keeps faulting undervoltage"),
+        (
+            "drive fault undervoltage DC bus {volts}V",
+            "Drive undervoltage",
+            "drive keeps faulting undervoltage",
+        ),
         ("24V supply dropout on IO rack {n}", "24V supply fault", "24v supply dropping out, io rack resets"),
         ("phase loss detected on main feed", "Phase loss", "lost a phase on the main feed"),
         ("contactor K{n} feedback missing", "Contactor feedback error", "contactor K{n} chattering"),
@@ -159,7 +163,11 @@ _SYMPTOMS: dict[str, tuple[_Symptom, ...]] = {
         ("zone {n} overtemp setpoint exceeded", "Zone overtemperature", "zone {n} overshooting setpoint"),
         ("coolant temperature high", "Coolant temperature high", "coolant too warm, chiller low on gas"),
         ("heater not reaching setpoint", "Heating time exceeded", "heater band burnt out"),
-        ("cabinet temperature high {temp_high}C", "Cabinet overtemperature", "cabinet too hot, filter mat blocked"),
+        (
+            "cabinet temperature high {temp_high}C",
+            "Cabinet overtemperature",
+            "cabinet too hot, filter mat blocked",
+        ),
     ),
     "sensor_fault": (
         ("sensor signal lost on TT{nn}", "Wire break", "sensor cable broken"),
@@ -184,7 +192,11 @@ _SYMPTOMS: dict[str, tuple[_Symptom, ...]] = {
 # Failure patterns that only appear after a drift event: words a pre-drift model has never seen.
 _DRIFT_SYMPTOMS: dict[str, tuple[_Symptom, ...]] = {
     "normal": (
-        ("edge gateway sync done", "Firmware handshake complete", "new hmi screens, walked shift through them"),
+        (
+            "edge gateway sync done",
+            "Firmware handshake complete",
+            "new hmi screens, walked shift through them",
+        ),
         ("oee snapshot {pct}% published", "Energy saving standby", "energy audit walkthrough"),
     ),
     "electrical": (
@@ -199,7 +211,11 @@ _DRIFT_SYMPTOMS: dict[str, tuple[_Symptom, ...]] = {
     ),
     "hydraulic": (
         ("pump cavitation detected", "Pump cavitation", "pump cavitating, suction strainer"),
-        ("accumulator precharge lost", "Accumulator precharge", "accumulator bladder flat, recharged nitrogen"),
+        (
+            "accumulator precharge lost",
+            "Accumulator precharge",
+            "accumulator bladder flat, recharged nitrogen",
+        ),
         ("hose burst on ram", "Hose burst", "ram hose burst, sprayed everywhere"),
     ),
     "pneumatic": (
@@ -227,51 +243,117 @@ _DRIFT_SYMPTOMS: dict[str, tuple[_Symptom, ...]] = {
 # Symptoms that two or three classes share: the words alone cannot decide, so accuracy stays below
 # 100 % for any model, as on real work orders ("motor overheating" may be electrical or thermal).
 _SHARED_SYMPTOMS: tuple[tuple[_Symptom, tuple[str, ...]], ...] = (
-    (("motor overheating", "Motor overtemperature", "motor running hot, smells burnt"), ("thermal", "electrical")),
-    (("clamp pressure dropping", "Clamp pressure low", "clamp cylinder losing pressure"), ("hydraulic", "pneumatic")),
-    (("vibration reading high {vib}mm/s", "Vibration high", "vibration alarm again"), ("mechanical", "sensor_fault")),
-    (("reject rate up after tool change", "Reject rate increasing", "more rejects since tool change"), ("quality", "mechanical")),
-    (("temperature reading erratic", "Temperature deviation", "temp jumping around"), ("sensor_fault", "thermal")),
-    (("unexpected stop, no fault message", "Machine stopped", "machine just stops, no alarm"), ("electrical", "mechanical", "normal")),
-    (("unusual noise from unit", "Noise detected", "strange noise from unit"), ("mechanical", "hydraulic", "pneumatic")),
-    (("pressure fluctuating", "Pressure deviation", "pressure going up and down"), ("hydraulic", "pneumatic", "sensor_fault")),
+    (
+        ("motor overheating", "Motor overtemperature", "motor running hot, smells burnt"),
+        ("thermal", "electrical"),
+    ),
+    (
+        ("clamp pressure dropping", "Clamp pressure low", "clamp cylinder losing pressure"),
+        ("hydraulic", "pneumatic"),
+    ),
+    (
+        ("vibration reading high {vib}mm/s", "Vibration high", "vibration alarm again"),
+        ("mechanical", "sensor_fault"),
+    ),
+    (
+        ("reject rate up after tool change", "Reject rate increasing", "more rejects since tool change"),
+        ("quality", "mechanical"),
+    ),
+    (
+        ("temperature reading erratic", "Temperature deviation", "temp jumping around"),
+        ("sensor_fault", "thermal"),
+    ),
+    (
+        ("unexpected stop, no fault message", "Machine stopped", "machine just stops, no alarm"),
+        ("electrical", "mechanical", "normal"),
+    ),
+    (
+        ("unusual noise from unit", "Noise detected", "strange noise from unit"),
+        ("mechanical", "hydraulic", "pneumatic"),
+    ),
+    (
+        ("pressure fluctuating", "Pressure deviation", "pressure going up and down"),
+        ("hydraulic", "pneumatic", "sensor_fault"),
+    ),
 )
 
 _ACTIONS: dict[str, tuple[str, ...]] = {
-    "normal": ("all ok", "no findings", "nothing to report", "running fine", "good to go", "back in production"),
+    "normal": (
+        "all ok",
+        "no findings",
+        "nothing to report",
+        "running fine",
+        "good to go",
+        "back in production",
+    ),
     "electrical": (
-        "reset breaker", "replaced fuse", "called electrician", "tightened terminals",
-        "checked wiring with multimeter", "swapped drive",
+        "reset breaker",
+        "replaced fuse",
+        "called electrician",
+        "tightened terminals",
+        "checked wiring with multimeter",
+        "swapped drive",
     ),
     "mechanical": (
-        "replaced bearing", "retensioned chain", "replaced worn belt", "realigned motor",
-        "greased bearings", "cleared jam and straightened guide",
+        "replaced bearing",
+        "retensioned chain",
+        "replaced worn belt",
+        "realigned motor",
+        "greased bearings",
+        "cleared jam and straightened guide",
     ),
     "hydraulic": (
-        "topped up oil", "replaced seals", "changed filter", "tightened fitting",
-        "bled the system", "cleaned valve",
+        "topped up oil",
+        "replaced seals",
+        "changed filter",
+        "tightened fitting",
+        "bled the system",
+        "cleaned valve",
     ),
     "pneumatic": (
-        "replaced fitting", "replaced solenoid valve", "drained water separator", "adjusted cushion",
-        "replaced suction cups", "fixed air hose",
+        "replaced fitting",
+        "replaced solenoid valve",
+        "drained water separator",
+        "adjusted cushion",
+        "replaced suction cups",
+        "fixed air hose",
     ),
     "thermal": (
-        "replaced fan", "cleaned cooler", "let it cool down", "cleaned filter mat",
-        "replaced heater band", "refilled coolant",
+        "replaced fan",
+        "cleaned cooler",
+        "let it cool down",
+        "cleaned filter mat",
+        "replaced heater band",
+        "refilled coolant",
     ),
     "sensor_fault": (
-        "replaced sensor", "cleaned sensor", "realigned sensor", "rewired connector",
-        "recalibrated transmitter", "replaced cable",
+        "replaced sensor",
+        "cleaned sensor",
+        "realigned sensor",
+        "rewired connector",
+        "recalibrated transmitter",
+        "replaced cable",
     ),
     "quality": (
-        "adjusted offset", "quarantined batch", "informed quality", "100% check on lot",
-        "adjusted labeler", "sorted parts",
+        "adjusted offset",
+        "quarantined batch",
+        "informed quality",
+        "100% check on lot",
+        "adjusted labeler",
+        "sorted parts",
     ),
 }
 
 _FOLLOWUPS = (
-    "informed shift lead", "WO {wo} opened", "spare part ordered", "monitor next shift", "running again",
-    "see WO {wo}", "ok for now", "need to recheck tomorrow", "parts on order, eta 2 days",
+    "informed shift lead",
+    "WO {wo} opened",
+    "spare part ordered",
+    "monitor next shift",
+    "running again",
+    "see WO {wo}",
+    "ok for now",
+    "need to recheck tomorrow",
+    "parts on order, eta 2 days",
     "handed over to night shift",
 )
 
@@ -335,41 +417,121 @@ _TAG_PREFIXES: dict[str, tuple[str, ...]] = {
 # Sensor lines: quantity -> key per variant, and the key a firmware update renames it to.
 _QUANTITIES = ("temp", "vib", "hyd", "air", "current", "reject")
 _SENSOR_KEYS: tuple[dict[str, str], ...] = (
-    {"temp": "temp_c", "vib": "vib_mm_s", "hyd": "pressure_bar", "air": "air_bar", "current": "current_a",
-     "reject": "reject_pct"},
-    {"temp": "motor_temp", "vib": "vib_rms", "hyd": "hyd_p", "air": "air_p", "current": "motor_amps",
-     "reject": "rej_rate"},
-    {"temp": "spindle_temp", "vib": "vib_mms", "hyd": "clamp_bar", "air": "air_supply_bar",
-     "current": "spindle_load_a", "reject": "scrap_pct"},
+    {
+        "temp": "temp_c",
+        "vib": "vib_mm_s",
+        "hyd": "pressure_bar",
+        "air": "air_bar",
+        "current": "current_a",
+        "reject": "reject_pct",
+    },
+    {
+        "temp": "motor_temp",
+        "vib": "vib_rms",
+        "hyd": "hyd_p",
+        "air": "air_p",
+        "current": "motor_amps",
+        "reject": "rej_rate",
+    },
+    {
+        "temp": "spindle_temp",
+        "vib": "vib_mms",
+        "hyd": "clamp_bar",
+        "air": "air_supply_bar",
+        "current": "spindle_load_a",
+        "reject": "scrap_pct",
+    },
 )
 _DRIFT_SENSOR_KEYS: tuple[dict[str, str], ...] = (
-    {"temp": "tmp_motor", "vib": "vib_velo", "hyd": "p_hyd", "air": "p_air", "current": "i_mot",
-     "reject": "nok_pct"},
-    {"temp": "tmp_mot_degc", "vib": "vibr_velo", "hyd": "p_oil", "air": "p_pneu", "current": "i_motor",
-     "reject": "nok_rate"},
-    {"temp": "tmp_spdl", "vib": "accel_rms", "hyd": "p_clamp", "air": "p_supply", "current": "i_spdl",
-     "reject": "nok_share"},
+    {
+        "temp": "tmp_motor",
+        "vib": "vib_velo",
+        "hyd": "p_hyd",
+        "air": "p_air",
+        "current": "i_mot",
+        "reject": "nok_pct",
+    },
+    {
+        "temp": "tmp_mot_degc",
+        "vib": "vibr_velo",
+        "hyd": "p_oil",
+        "air": "p_pneu",
+        "current": "i_motor",
+        "reject": "nok_rate",
+    },
+    {
+        "temp": "tmp_spdl",
+        "vib": "accel_rms",
+        "hyd": "p_clamp",
+        "air": "p_supply",
+        "current": "i_spdl",
+        "reject": "nok_share",
+    },
 )
 # (low, high, decimals) of a healthy reading, and of a reading past the alarm threshold.
-_NORMAL_RANGE = {"temp": (35, 78, 1), "vib": (0.4, 4.5, 1), "hyd": (150, 210, 0), "air": (5.6, 7.2, 2),
-                 "current": (3.0, 12.5, 1), "reject": (0.0, 1.8, 2)}
-_FAULT_RANGE = {"temp": (92, 135, 1), "vib": (7.1, 16.0, 1), "hyd": (45, 110, 0), "air": (2.0, 4.6, 2),
-                "current": (15.0, 32.0, 1), "reject": (3.5, 14.0, 2)}
-_FAULT_QUANTITY = {"thermal": "temp", "mechanical": "vib", "hydraulic": "hyd", "pneumatic": "air",
-                   "electrical": "current", "quality": "reject"}
+_NORMAL_RANGE = {
+    "temp": (35, 78, 1),
+    "vib": (0.4, 4.5, 1),
+    "hyd": (150, 210, 0),
+    "air": (5.6, 7.2, 2),
+    "current": (3.0, 12.5, 1),
+    "reject": (0.0, 1.8, 2),
+}
+_FAULT_RANGE = {
+    "temp": (92, 135, 1),
+    "vib": (7.1, 16.0, 1),
+    "hyd": (45, 110, 0),
+    "air": (2.0, 4.6, 2),
+    "current": (15.0, 32.0, 1),
+    "reject": (3.5, 14.0, 2),
+}
+_FAULT_QUANTITY = {
+    "thermal": "temp",
+    "mechanical": "vib",
+    "hydraulic": "hyd",
+    "pneumatic": "air",
+    "electrical": "current",
+    "quality": "reject",
+}
 # What a broken transmitter reports: overflow, wire-break substitutes, physically impossible values.
 _BROKEN_READINGS = ("nan", "NaN", "-999.0", "6553.5", "-1", "0.0", "32767")
 
 # Operators abbreviate; how much depends on the site's culture (phrasing family).
 _ABBREVIATIONS: dict[str, tuple[str, ...]] = {
-    "replaced": ("repl", "rplcd"), "bearing": ("brg",), "bearings": ("brgs",), "pressure": ("press", "pres"),
-    "temperature": ("temp",), "motor": ("mtr",), "checked": ("chkd", "chk"), "check": ("chk",),
-    "hydraulic": ("hyd",), "pneumatic": ("pneu",), "cylinder": ("cyl",), "maintenance": ("maint",),
-    "operator": ("op",), "with": ("w/",), "without": ("w/o",), "leaking": ("lkg", "leakin"),
-    "vibration": ("vib",), "electrician": ("sparky", "elec"), "position": ("pos",), "station": ("stn",),
-    "changed": ("chgd",), "change": ("chg",), "switch": ("sw",), "valve": ("vlv",), "conveyor": ("conv",),
-    "tolerance": ("tol",), "tomorrow": ("tmrw",), "again": ("agn",), "cabinet": ("cab",),
-    "and": ("&", "+"), "the": ("",), "sensor": ("sens",), "connector": ("conn",), "adjusted": ("adj",),
+    "replaced": ("repl", "rplcd"),
+    "bearing": ("brg",),
+    "bearings": ("brgs",),
+    "pressure": ("press", "pres"),
+    "temperature": ("temp",),
+    "motor": ("mtr",),
+    "checked": ("chkd", "chk"),
+    "check": ("chk",),
+    "hydraulic": ("hyd",),
+    "pneumatic": ("pneu",),
+    "cylinder": ("cyl",),
+    "maintenance": ("maint",),
+    "operator": ("op",),
+    "with": ("w/",),
+    "without": ("w/o",),
+    "leaking": ("lkg", "leakin"),
+    "vibration": ("vib",),
+    "electrician": ("sparky", "elec"),
+    "position": ("pos",),
+    "station": ("stn",),
+    "changed": ("chgd",),
+    "change": ("chg",),
+    "switch": ("sw",),
+    "valve": ("vlv",),
+    "conveyor": ("conv",),
+    "tolerance": ("tol",),
+    "tomorrow": ("tmrw",),
+    "again": ("agn",),
+    "cabinet": ("cab",),
+    "and": ("&", "+"),
+    "the": ("",),
+    "sensor": ("sens",),
+    "connector": ("conn",),
+    "adjusted": ("adj",),
 }
 _ABBREVIATION_RATE = (0.15, 0.55, 0.3)
 _TYPO_RATE = (0.25, 0.4, 0.2)
@@ -377,11 +539,34 @@ _SHOUTING_RATE = (0.02, 0.3, 0.05)
 
 # Firmware-update alarm mnemonics: each title word maps to a short upper-case code.
 _MNEMONICS = {
-    "pressure": "PRS", "low": "LO", "high": "HI", "motor": "MTR", "overload": "OVLD", "temperature": "TMP",
-    "hydraulic": "HYD", "air": "AIR", "oil": "OIL", "level": "LVL", "fault": "FLT", "leak": "LK",
-    "vibration": "VIB", "bearing": "BRG", "circuit": "CCT", "breaker": "BRK", "tripped": "TRP",
-    "sensor": "SNS", "value": "VAL", "frozen": "FRZ", "valve": "VLV", "cylinder": "CYL", "rate": "RT",
-    "reject": "REJ", "overtemperature": "OVTMP", "supply": "SUP", "drive": "DRV", "filter": "FLTR",
+    "pressure": "PRS",
+    "low": "LO",
+    "high": "HI",
+    "motor": "MTR",
+    "overload": "OVLD",
+    "temperature": "TMP",
+    "hydraulic": "HYD",
+    "air": "AIR",
+    "oil": "OIL",
+    "level": "LVL",
+    "fault": "FLT",
+    "leak": "LK",
+    "vibration": "VIB",
+    "bearing": "BRG",
+    "circuit": "CCT",
+    "breaker": "BRK",
+    "tripped": "TRP",
+    "sensor": "SNS",
+    "value": "VAL",
+    "frozen": "FRZ",
+    "valve": "VLV",
+    "cylinder": "CYL",
+    "rate": "RT",
+    "reject": "REJ",
+    "overtemperature": "OVTMP",
+    "supply": "SUP",
+    "drive": "DRV",
+    "filter": "FLTR",
 }
 
 _LOG_LEVELS = (("INFO", "WARN", "ERROR"), ("I", "W", "E"), ("I", "W", "E"))
@@ -472,7 +657,9 @@ def site_profile(name: str, index: int, seed: int = 0) -> SiteProfile:
     # A floor keeps every class present at every site: rare, not absent.
     floored = {label: max(float(mix[label]), 0.02) for label in LABELS}
     total = sum(floored.values())
-    return SiteProfile(name=name, label_weights={k: v / total for k, v in floored.items()}, vocab_variant=variant)
+    return SiteProfile(
+        name=name, label_weights={k: v / total for k, v in floored.items()}, vocab_variant=variant
+    )
 
 
 def default_sites(n_sites: int = 3, seed: int = 0) -> list[SiteProfile]:
@@ -542,7 +729,9 @@ class PlantStream:
         if self.label_noise and self._noise_rng.random() < self.label_noise:
             others = [other for other in self._labels if other != label]
             label = others[int(self._noise_rng.integers(len(others)))]
-        return LabeledText(text=text, label=label, site=self.site.name, ts=round(self._ts, 3), drifted=drifted)
+        return LabeledText(
+            text=text, label=label, site=self.site.name, ts=round(self._ts, 3), drifted=drifted
+        )
 
     def _repeat_or_fresh(self, drifted: bool) -> tuple[str, str]:
         rng = self._rng
@@ -684,7 +873,7 @@ class PlantStream:
             bare = word.rstrip(",.;:").lower()
             options = _ABBREVIATIONS.get(bare)
             if options and rng.random() < abbreviation_rate:
-                words[i] = options[int(rng.integers(len(options)))] + word[len(bare):]
+                words[i] = options[int(rng.integers(len(options)))] + word[len(bare) :]
         if rng.random() < _TYPO_RATE[self._variant]:
             long_words = [i for i, w in enumerate(words) if len(w) >= 5 and w.isalpha()]
             for i in rng.permutation(long_words)[: int(rng.integers(1, 3))]:
@@ -837,7 +1026,9 @@ class MqttSamplePublisher:
             raise ConnectionError(f"no CONNACK from {self._host}:{self._port} in {self._timeout_s:.0f}s")
         if self._connack_error:
             self._client.loop_stop()
-            raise ConnectionError(f"broker {self._host}:{self._port} refused the connection: {self._connack_error}")
+            raise ConnectionError(
+                f"broker {self._host}:{self._port} refused the connection: {self._connack_error}"
+            )
         log.info("connected to %s:%s", self._host, self._port)
         return self
 
@@ -849,7 +1040,9 @@ class MqttSamplePublisher:
         info = self._client.publish(topic, json.dumps(payload, ensure_ascii=False), qos=1)
         info.wait_for_publish(self._timeout_s)
         if not info.is_published():
-            raise ConnectionError(f"publish of {payload['id']} to {topic} not acknowledged in {self._timeout_s:.0f}s")
+            raise ConnectionError(
+                f"publish of {payload['id']} to {topic} not acknowledged in {self._timeout_s:.0f}s"
+            )
         log.debug("published %s id=%s", topic, payload["id"])
 
 
@@ -869,14 +1062,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.simulate", description=__doc__.split("\n\n")[0])
     p.add_argument("--broker", default="localhost", help="MQTT broker host")
     p.add_argument("--port", type=int, default=1883, help="MQTT broker port")
-    p.add_argument("--site", default="site0", help="site name (topic level); siteK uses default site K's profile")
+    p.add_argument(
+        "--site", default="site0", help="site name (topic level); siteK uses default site K's profile"
+    )
     p.add_argument("--device", default="sim0", help="device name (topic level)")
     p.add_argument("--rate", type=float, default=5.0, help="records per second; 0 sends as fast as possible")
     p.add_argument("--count", type=int, default=100, help="number of records")
     p.add_argument("--drift-at", type=int, default=None, help="index of the first drifted record")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label-noise", type=float, default=0.0, help="probability of a wrong label")
-    p.add_argument("--unlabeled", action="store_true", help="send {id, text} on .../events instead of samples")
+    p.add_argument(
+        "--unlabeled", action="store_true", help="send {id, text} on .../events instead of samples"
+    )
     p.add_argument("--dry-run", action="store_true", help="print JSON lines to stdout instead of publishing")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -885,12 +1082,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m tools.simulate`."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         topic = (events_topic if args.unlabeled else samples_topic)(args.site, args.device)
-        stream = PlantStream(_site_for(args.site, args.seed), seed=args.seed, drift_at=args.drift_at,
-                             label_noise=args.label_noise)
+        stream = PlantStream(
+            _site_for(args.site, args.seed),
+            seed=args.seed,
+            drift_at=args.drift_at,
+            label_noise=args.label_noise,
+        )
     except ValueError as e:
         log.error("%s", e)
         return EXIT_BAD_INPUT
@@ -898,7 +1102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         publisher = DryRunPublisher()
     else:
-        publisher = MqttSamplePublisher(args.broker, args.port, client_id=f"edge-sim-{args.site}-{args.device}")
+        publisher = MqttSamplePublisher(
+            args.broker, args.port, client_id=f"edge-sim-{args.site}-{args.device}"
+        )
     log.info("site=%s device=%s topic=%s count=%d", args.site, args.device, topic, args.count)
     interval = 1.0 / args.rate if args.rate > 0 else 0.0
     try:

@@ -93,7 +93,14 @@ class LearnerManager:
         self._last_round_end = 0.0
         self._last_refusal: str | None = None
         self._last_schedule_key: str | None = None
-        self.counters = {"rounds": 0, "promoted": 0, "rejected": 0, "failed": 0, "cancelled": 0, "rollbacks": 0}
+        self.counters = {
+            "rounds": 0,
+            "promoted": 0,
+            "rejected": 0,
+            "failed": 0,
+            "cancelled": 0,
+            "rollbacks": 0,
+        }
         with self._db() as con:
             con.executescript(REGISTRY_SCHEMA)
         self._pause_file = self.work_dir / "pause"
@@ -113,7 +120,10 @@ class LearnerManager:
         return row["value"] if row else default
 
     def _set_state(self, con: sqlite3.Connection, key: str, value: str) -> None:
-        con.execute("INSERT INTO learner_state(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+        con.execute(
+            "INSERT INTO learner_state(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
 
     def versions(self) -> list[dict[str, Any]]:
         with self._db() as con:
@@ -163,12 +173,18 @@ class LearnerManager:
 
     def train_now(self) -> dict[str, Any]:
         if self._proc is not None:
-            return {"ok": False, "error": f"round {self._spec.version if self._spec else '?'} already running"}
+            return {
+                "ok": False,
+                "error": f"round {self._spec.version if self._spec else '?'} already running",
+            }
         self._manual = True
         self.tick()
         self._manual = False
-        return {"ok": self._proc is not None, "version": self._spec.version if self._spec else None,
-                "error": None if self._proc is not None else "no new labeled samples"}
+        return {
+            "ok": self._proc is not None,
+            "version": self._spec.version if self._spec else None,
+            "error": None if self._proc is not None else "no new labeled samples",
+        }
 
     def cancel(self) -> dict[str, Any]:
         if self._proc is None:
@@ -183,10 +199,14 @@ class LearnerManager:
             return {"ok": False, "error": "no promoted adapter to roll back from; name a version to activate"}
         with self._db() as con:
             if version is None:
-                row = con.execute("SELECT parent FROM adapter_versions WHERE version = ?", (active,)).fetchone()
+                row = con.execute(
+                    "SELECT parent FROM adapter_versions WHERE version = ?", (active,)
+                ).fetchone()
                 target = row["parent"] if row else None
             else:
-                row = con.execute("SELECT version FROM adapter_versions WHERE version = ?", (version,)).fetchone()
+                row = con.execute(
+                    "SELECT version FROM adapter_versions WHERE version = ?", (version,)
+                ).fetchone()
                 if row is None and version != "base":
                     return {"ok": False, "error": f"unknown adapter version {version!r}"}
                 target = None if version == "base" else version
@@ -200,9 +220,15 @@ class LearnerManager:
         with self._db() as con:
             con.execute("BEGIN IMMEDIATE")
             if active is not None:
-                con.execute("UPDATE adapter_versions SET status='rolled_back', reason=? WHERE version=?", (reason, active))
+                con.execute(
+                    "UPDATE adapter_versions SET status='rolled_back', reason=? WHERE version=?",
+                    (reason, active),
+                )
             if target is not None:
-                con.execute("UPDATE adapter_versions SET status='promoted', promoted_at=? WHERE version=?", (time.time(), target))
+                con.execute(
+                    "UPDATE adapter_versions SET status='promoted', promoted_at=? WHERE version=?",
+                    (time.time(), target),
+                )
                 self._set_state(con, "active", target)
             else:
                 con.execute("DELETE FROM learner_state WHERE key='active'")
@@ -240,7 +266,9 @@ class LearnerManager:
     def _training_reason(self, now: float) -> str | None:
         since = self._since_id()
         with self._db() as con:
-            new = con.execute("SELECT COUNT(*) FROM samples WHERE split='train' AND id > ?", (since,)).fetchone()[0]
+            new = con.execute(
+                "SELECT COUNT(*) FROM samples WHERE split='train' AND id > ?", (since,)
+            ).fetchone()[0]
         acc, n_fb = self._live_accuracy(self.active_version())
         accepted = self._promoted_accuracy(self.active_version())
         inputs = policy.TriggerInputs(
@@ -288,7 +316,9 @@ class LearnerManager:
 
     def _label_psi(self, window: int = 1000) -> float | None:
         with self._db() as con:
-            rows = con.execute("SELECT label FROM predictions ORDER BY created_at DESC LIMIT ?", (2 * window,)).fetchall()
+            rows = con.execute(
+                "SELECT label FROM predictions ORDER BY created_at DESC LIMIT ?", (2 * window,)
+            ).fetchall()
         if len(rows) < 2 * min(window, 100):
             return None
         half = len(rows) // 2
@@ -380,7 +410,10 @@ class LearnerManager:
         try:
             result = json.loads(result_path.read_text())
         except (OSError, ValueError):
-            result = {"status": "failed", "message": f"learner exited with code {proc.exitcode} and no result"}
+            result = {
+                "status": "failed",
+                "message": f"learner exited with code {proc.exitcode} and no result",
+            }
         result_path.unlink(missing_ok=True)
         status = result.get("status")
         if status != "trained":
@@ -388,24 +421,42 @@ class LearnerManager:
             self.counters[key] += 1
             shutil.rmtree(candidate_dir, ignore_errors=True)
             log.warning("learner round %s: %s %s", spec.version, status, result.get("message", ""))
-            self.publish("round_finished", {"version": spec.version, "status": status, "message": result.get("message")})
+            self.publish(
+                "round_finished",
+                {"version": spec.version, "status": status, "message": result.get("message")},
+            )
             return
         candidate = {k: report_from_dict(v) for k, v in result["candidate"].items()}
         active = {k: report_from_dict(v) for k, v in result["active"].items()}
         gate_slices = {k: v for k, v in candidate.items() if k in ("older", "recent")}
         decision = policy.promotion_decision(gate_slices, active, self.settings.gate)
-        metrics = {"candidate": result["candidate"], "active": result["active"], "steps": result.get("steps"),
-                   "seconds": result.get("seconds"), "peak_rss_mb": result.get("peak_rss_mb")}
+        metrics = {
+            "candidate": result["candidate"],
+            "active": result["active"],
+            "steps": result.get("steps"),
+            "seconds": result.get("seconds"),
+            "peak_rss_mb": result.get("peak_rss_mb"),
+        }
         self._register(spec, result, decision, metrics, candidate_dir)
         self.publish(
             "round_finished",
-            {"version": spec.version, "status": "promoted" if decision.promote else "rejected",
-             "reasons": decision.reasons, "candidate_accuracy": candidate.get("all", policy.EvalReport(0, {}, 0)).accuracy,
-             "active_accuracy": active.get("all", policy.EvalReport(0, {}, 0)).accuracy},
+            {
+                "version": spec.version,
+                "status": "promoted" if decision.promote else "rejected",
+                "reasons": decision.reasons,
+                "candidate_accuracy": candidate.get("all", policy.EvalReport(0, {}, 0)).accuracy,
+                "active_accuracy": active.get("all", policy.EvalReport(0, {}, 0)).accuracy,
+            },
         )
 
-    def _register(self, spec: RoundSpec, result: dict[str, Any], decision: policy.GateDecision,
-                  metrics: dict[str, Any], candidate_dir: Path) -> None:
+    def _register(
+        self,
+        spec: RoundSpec,
+        result: dict[str, Any],
+        decision: policy.GateDecision,
+        metrics: dict[str, Any],
+        candidate_dir: Path,
+    ) -> None:
         now = time.time()
         final_dir = self.adapters_dir / spec.version
         parent = Path(spec.parent_dir).name if spec.parent_dir else None
@@ -421,16 +472,30 @@ class LearnerManager:
             con.execute(
                 "INSERT INTO adapter_versions(version, parent, path, status, reason, metrics, data_from_id, data_to_id,"
                 " n_new, n_replay, created_at, promoted_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (spec.version, parent, str(final_dir), status, "; ".join(decision.reasons) or None, json.dumps(metrics),
-                 spec.since_sample_id, result.get("max_sample_id"), result.get("n_new"), result.get("n_replay"),
-                 now, now if decision.promote else None),
+                (
+                    spec.version,
+                    parent,
+                    str(final_dir),
+                    status,
+                    "; ".join(decision.reasons) or None,
+                    json.dumps(metrics),
+                    spec.since_sample_id,
+                    result.get("max_sample_id"),
+                    result.get("n_new"),
+                    result.get("n_replay"),
+                    now,
+                    now if decision.promote else None,
+                ),
             )
             # Samples seen by this round count as trained, promoted or not: a refused candidate
             # must not re-trigger on the same data forever.
             self._set_state(con, "trained_through_id", str(result.get("max_sample_id", spec.since_sample_id)))
             if decision.promote:
                 if parent:
-                    con.execute("UPDATE adapter_versions SET status='retired' WHERE version=? AND status='promoted'", (parent,))
+                    con.execute(
+                        "UPDATE adapter_versions SET status='retired' WHERE version=? AND status='promoted'",
+                        (parent,),
+                    )
                 self._set_state(con, "active", spec.version)
                 self._set_state(con, "promoted_at", str(now))
             con.execute("COMMIT")

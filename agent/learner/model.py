@@ -25,11 +25,15 @@ def load_base_model(bundle_dir: Path):
     # Tied or buffer-only keys (e.g. position_ids) may differ between versions; weights may not.
     real_missing = [k for k in missing if not k.endswith("position_ids")]
     if real_missing or unexpected:
-        raise ValueError(f"base.safetensors does not fit the config: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(
+            f"base.safetensors does not fit the config: missing {real_missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return model.eval()
 
 
-def new_peft_model(bundle_dir: Path, manifest: BundleManifest | None = None, init_adapter: Path | None = None):
+def new_peft_model(
+    bundle_dir: Path, manifest: BundleManifest | None = None, init_adapter: Path | None = None
+):
     """The base wrapped with a fresh LoRA (the bundle's spec) or with an existing adapter to continue."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -49,13 +53,19 @@ def new_peft_model(bundle_dir: Path, manifest: BundleManifest | None = None, ini
     return get_peft_model(base, config)
 
 
-def save_peft_adapter(peft_model, out_dir: Path, manifest: BundleManifest, version: str, **meta_fields) -> AdapterMeta:
+def save_peft_adapter(
+    peft_model, out_dir: Path, manifest: BundleManifest, version: str, **meta_fields
+) -> AdapterMeta:
     """``save_pretrained`` plus our manifest, written to a staged directory renamed into place."""
     with staged_dir(out_dir) as tmp:
         peft_model.save_pretrained(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)
         meta = AdapterMeta(
-            version=version, base_hash=manifest.base_hash, labels=list(manifest.labels), created=time.time(), **meta_fields
+            version=version,
+            base_hash=manifest.base_hash,
+            labels=list(manifest.labels),
+            created=time.time(),
+            **meta_fields,
         )
         write_meta(tmp, meta)
     return meta

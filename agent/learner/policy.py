@@ -55,7 +55,9 @@ def training_reason(x: TriggerInputs, p: TriggerPolicy) -> str | None:
     return None
 
 
-def population_stability_index(reference: Mapping[str, int], recent: Mapping[str, int], eps: float = 1e-4) -> float:
+def population_stability_index(
+    reference: Mapping[str, int], recent: Mapping[str, int], eps: float = 1e-4
+) -> float:
     """PSI of two label histograms: sum (q - p) ln(q / p). About 0.1 is a shift, 0.25 a large one."""
     labels = set(reference) | set(recent)
     n_ref, n_rec = sum(reference.values()), sum(recent.values())
@@ -145,7 +147,9 @@ def promotion_decision(
         if act is None or cand.count == 0:
             continue
         if cand.accuracy < act.accuracy - p.epsilon:
-            reasons.append(f"{slice_name}: accuracy {cand.accuracy:.3f} < active {act.accuracy:.3f} - {p.epsilon}")
+            reasons.append(
+                f"{slice_name}: accuracy {cand.accuracy:.3f} < active {act.accuracy:.3f} - {p.epsilon}"
+            )
         for label, acc in cand.per_class.items():
             if cand.per_class_count.get(label, p.min_class_count) < p.min_class_count:
                 continue

@@ -86,7 +86,9 @@ def read_training_set(
             (since_id, max_samples),
         ).fetchall()
         max_id = con.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()[0]
-        n_replay = int(len(new) * replay_fraction / max(1e-9, 1 - replay_fraction)) if replay_fraction < 1 else 0
+        n_replay = (
+            int(len(new) * replay_fraction / max(1e-9, 1 - replay_fraction)) if replay_fraction < 1 else 0
+        )
         replay: list[tuple[int, str, str]] = []
         if n_replay and since_id > 0:
             per_label = max(1, n_replay // max(1, len(labels)))
@@ -128,7 +130,9 @@ def read_holdout(
     return older, recent
 
 
-def evaluate_adapter(bundle_dir: str, adapter_dir: str | None, precision: str, slices: dict[str, list[tuple[str, str]]]) -> dict[str, EvalReport]:
+def evaluate_adapter(
+    bundle_dir: str, adapter_dir: str | None, precision: str, slices: dict[str, list[tuple[str, str]]]
+) -> dict[str, EvalReport]:
     """Accuracy per slice with the serving runtime (ONNX Runtime), as the box would answer."""
     from agent.engine import EngineConfig, InferenceEngine
 
@@ -197,8 +201,14 @@ def run_round(spec: RoundSpec) -> RoundResult:
         return result
     older, recent = read_holdout(spec.db_path, labels, spec.since_sample_id)
     slices = {"older": older, "recent": recent, "all": older + recent}
-    result.candidate = {k: asdict(v) for k, v in evaluate_adapter(spec.bundle_dir, spec.out_dir, spec.precision, slices).items()}
-    result.active = {k: asdict(v) for k, v in evaluate_adapter(spec.bundle_dir, spec.parent_dir, spec.precision, slices).items()}
+    result.candidate = {
+        k: asdict(v)
+        for k, v in evaluate_adapter(spec.bundle_dir, spec.out_dir, spec.precision, slices).items()
+    }
+    result.active = {
+        k: asdict(v)
+        for k, v in evaluate_adapter(spec.bundle_dir, spec.parent_dir, spec.precision, slices).items()
+    }
     result.status, result.steps, result.seconds = "trained", tr.steps, tr.seconds
     return result
 
@@ -226,4 +236,6 @@ def run_round_process(spec_json: str) -> None:
 
 
 def report_from_dict(d: dict[str, Any]) -> EvalReport:
-    return EvalReport(d["accuracy"], dict(d["per_class"]), int(d["count"]), dict(d.get("per_class_count", {})))
+    return EvalReport(
+        d["accuracy"], dict(d["per_class"]), int(d["count"]), dict(d.get("per_class_count", {}))
+    )

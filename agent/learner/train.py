@@ -83,7 +83,9 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(Path(bundle_dir) / "tokenizer")
     model = new_peft_model(bundle_dir, manifest, init_adapter)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    anchor = _anchor_tensors(bundle_dir, manifest, anchor_adapter, trainable) if config.anchor_lambda > 0 else {}
+    anchor = (
+        _anchor_tensors(bundle_dir, manifest, anchor_adapter, trainable) if config.anchor_lambda > 0 else {}
+    )
     opt = torch.optim.AdamW(list(trainable.values()), lr=config.lr)
     y_all = np.array([index[lab] for lab in labels])
     rng = np.random.default_rng(config.seed)
@@ -101,7 +103,9 @@ def train_adapter(
         with torch.no_grad():
             for b in range(0, len(val[0]), 64):
                 logits = model(**encode(val[0][b : b + 64])).logits
-                ok += int((logits.argmax(-1).numpy() == np.array([index[x] for x in val[1][b : b + 64]])).sum())
+                ok += int(
+                    (logits.argmax(-1).numpy() == np.array([index[x] for x in val[1][b : b + 64]])).sum()
+                )
         model.train()
         return ok / max(1, len(val[0]))
 
@@ -160,7 +164,15 @@ def train_adapter(
         num_examples=len(texts),
         metrics={"train_loss": loss_value, "val_accuracy": best_acc, "steps": steps, "stopped": stopped},
     )
-    log.info("adapter %s trained: %d steps, %d epochs in %.1fs (%s), loss %.4f", version, steps, epoch, seconds, stopped, loss_value)
+    log.info(
+        "adapter %s trained: %d steps, %d epochs in %.1fs (%s), loss %.4f",
+        version,
+        steps,
+        epoch,
+        seconds,
+        stopped,
+        loss_value,
+    )
     return TrainResult(version, steps, epoch, seconds, loss_value, best_acc, stopped)
 
 

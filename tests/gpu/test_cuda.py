@@ -9,13 +9,16 @@ import pytest
 from agent.engine import EngineConfig, InferenceEngine
 
 pytestmark = pytest.mark.skipif(
-    "CUDAExecutionProvider" not in ort.get_available_providers(), reason="needs CUDA (onnxruntime-gpu and a GPU)"
+    "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs CUDA (onnxruntime-gpu and a GPU)",
 )
 
 
 def test_fp16_cuda_matches_fp32_cpu_with_adapter(tiny_bundle, random_adapter):
     texts = ["hydraulic pressure low", "belt replaced on packer 3", "temp_c=91.2 vib=7.7"]
-    with InferenceEngine.open(tiny_bundle, EngineConfig(precision="fp32", provider="cpu"), adapter_dir=random_adapter) as cpu:
+    with InferenceEngine.open(
+        tiny_bundle, EngineConfig(precision="fp32", provider="cpu"), adapter_dir=random_adapter
+    ) as cpu:
         ids, mask = cpu.tokenize(texts)
         ref = cpu.run_padded(ids, mask)
     with InferenceEngine.open(tiny_bundle, EngineConfig(provider="cuda"), adapter_dir=random_adapter) as gpu:

@@ -31,7 +31,9 @@ SITE, DEVICE = "plant-t", "box-1"
 BASE = f"edge/{SITE}/{DEVICE}/"
 
 
-def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
+def wait_until(
+    pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
@@ -75,7 +77,9 @@ class Received:
 class Peer:
     """A plain MQTT 5 client: publishes at QoS 1 (waits for the broker's ack) and collects what it hears."""
 
-    def __init__(self, broker: Mosquitto, client_id: str | None = None, username: str | None = None, password: str = ""):
+    def __init__(
+        self, broker: Mosquitto, client_id: str | None = None, username: str | None = None, password: str = ""
+    ):
         self.client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id or f"peer-{uuid.uuid4().hex[:8]}",
@@ -96,7 +100,12 @@ class Peer:
 
     def _on_message(self, client, userdata, m) -> None:
         props = m.properties
-        r = Received(m.topic, bytes(m.payload), bool(m.retain), getattr(props, "CorrelationData", None) if props else None)
+        r = Received(
+            m.topic,
+            bytes(m.payload),
+            bool(m.retain),
+            getattr(props, "CorrelationData", None) if props else None,
+        )
         with self._cond:
             self.received.append(r)
             self._cond.notify_all()
@@ -117,7 +126,11 @@ class Peer:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
     ) -> None:
-        topic = suffix_or_topic if suffix_or_topic.startswith(("edge/", "$", "reply/")) else BASE + suffix_or_topic
+        topic = (
+            suffix_or_topic
+            if suffix_or_topic.startswith(("edge/", "$", "reply/"))
+            else BASE + suffix_or_topic
+        )
         if isinstance(payload, (dict, list)):
             payload = json.dumps(payload)
         props = None
@@ -170,7 +183,12 @@ ENGINE_FP32_ONE_THREAD = 'precision = "fp32"\nprovider = "cpu"\nintra_op_threads
 
 
 def write_agent_config(
-    path: Path, broker: Mosquitto, bundle: Path, data_dir: Path, extra: str = "", engine: str = ENGINE_FP32_ONE_THREAD
+    path: Path,
+    broker: Mosquitto,
+    bundle: Path,
+    data_dir: Path,
+    extra: str = "",
+    engine: str = ENGINE_FP32_ONE_THREAD,
 ) -> Path:
     path.write_text(
         f"""\

@@ -31,11 +31,41 @@ def make_tls_files(directory: Path, host: str = "127.0.0.1") -> dict[str, Path]:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=edge-agent test CA",
-            "-keyout", str(ca_key), "-out", str(ca_crt))
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={host}", "-keyout", str(key), "-out", str(csr))
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
-            "-days", "1", "-extfile", str(ext), "-out", str(crt))
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=edge-agent test CA",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca_crt),
+    )
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={host}", "-keyout", str(key), "-out", str(csr)
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca_crt),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(crt),
+    )
     return {"ca": ca_crt, "cert": crt, "key": key}
 
 
@@ -44,7 +74,9 @@ def secured_conf(directory: Path, users: dict[str, str], acl: str, tls: dict[str
     passwd = directory / "passwd"
     passwd.write_text("")
     for user, password in users.items():
-        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True, capture_output=True)
+        subprocess.run(
+            ["mosquitto_passwd", "-b", str(passwd), user, password], check=True, capture_output=True
+        )
     acl_path = directory / "acl"
     acl_path.write_text(acl)
     return (

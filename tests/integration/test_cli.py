@@ -12,13 +12,26 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 def _cli(*args, input=None):
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, env=ENV, input=input, timeout=300
+        [sys.executable, "-m", "agent.cli", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        input=input,
+        timeout=300,
     )
 
 
 def test_predict_prints_labels_with_adapter(tiny_bundle, random_adapter):
-    r = _cli("predict", "--bundle", str(tiny_bundle), "--adapter", str(random_adapter), "--json",
-             "hydraulic pressure low", "belt replaced")
+    r = _cli(
+        "predict",
+        "--bundle",
+        str(tiny_bundle),
+        "--adapter",
+        str(random_adapter),
+        "--json",
+        "hydraulic pressure low",
+        "belt replaced",
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["text"] for row in rows] == ["hydraulic pressure low", "belt replaced"]

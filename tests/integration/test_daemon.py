@@ -35,7 +35,10 @@ def test_request_response(start_agent, peer):
 def test_mqtt5_response_topic_and_correlation_data(start_agent, peer):
     start_agent()
     peer.publish(
-        "infer/req", {"id": "r9", "text": "fan failed"}, response_topic="reply/client-7", correlation_data=b"\x01corr"
+        "infer/req",
+        {"id": "r9", "text": "fan failed"},
+        response_topic="reply/client-7",
+        correlation_data=b"\x01corr",
     )
     r = peer.expect("reply/client-7")
     assert r.json["id"] == "r9" and r.correlation_data == b"\x01corr"
@@ -47,12 +50,17 @@ def test_mqtt5_response_topic_and_correlation_data(start_agent, peer):
 
 def test_events_are_classified_published_and_stored(start_agent, peer, agent_config):
     start_agent()
-    peer.publish("events", {"id": "ev-1", "text": "pneumatic valve V12 sticking", "source": "plc3", "ts": 1.7e9})
+    peer.publish(
+        "events", {"id": "ev-1", "text": "pneumatic valve V12 sticking", "source": "plc3", "ts": 1.7e9}
+    )
     peer.publish("events", {"text": "no id here"})
     p1 = peer.expect("predictions", lambda m: m["id"] == "ev-1").json
     assert p1["label"] in TINY_LABELS and p1["source"] == "plc3" and p1["ts"] == 1.7e9
     p2 = peer.expect("predictions", lambda m: m["id"].startswith("e-")).json
-    rows = query(db_path(agent_config), "SELECT id, text, text_sha256, label, score, adapter_version FROM predictions ORDER BY id")
+    rows = query(
+        db_path(agent_config),
+        "SELECT id, text, text_sha256, label, score, adapter_version FROM predictions ORDER BY id",
+    )
     assert [r[0] for r in rows] == sorted(["ev-1", p2["id"]])
     ev1 = next(r for r in rows if r[0] == "ev-1")
     assert ev1[1] == "pneumatic valve V12 sticking"
@@ -60,8 +68,12 @@ def test_events_are_classified_published_and_stored(start_agent, peer, agent_con
     assert (ev1[3], ev1[4], ev1[5]) == (p1["label"], p1["score"], None)
 
     # the same event again (a redelivery): published again, stored once
-    peer.publish("events", {"id": "ev-1", "text": "pneumatic valve V12 sticking", "source": "plc3", "ts": 1.7e9})
-    wait_until(lambda: len([m for m in peer.on("predictions") if m.json["id"] == "ev-1"]) == 2, what="republish")
+    peer.publish(
+        "events", {"id": "ev-1", "text": "pneumatic valve V12 sticking", "source": "plc3", "ts": 1.7e9}
+    )
+    wait_until(
+        lambda: len([m for m in peer.on("predictions") if m.json["id"] == "ev-1"]) == 2, what="republish"
+    )
     assert query(db_path(agent_config), "SELECT count(*) FROM predictions")[0][0] == 2
 
 
@@ -89,9 +101,9 @@ def test_samples_are_stored_once_and_split(start_agent, peer, agent_config):
     db = db_path(agent_config)
     assert query(db, "SELECT count(*), count(DISTINCT sample_id) FROM samples") == [(40, 40)]
     # 10 per label, holdout fraction 0.1: one holdout sample per label
-    assert query(db, "SELECT label, count(*) FROM samples WHERE split = 'holdout' GROUP BY label ORDER BY label") == [
-        (lab, 1) for lab in sorted(TINY_LABELS)
-    ]
+    assert query(
+        db, "SELECT label, count(*) FROM samples WHERE split = 'holdout' GROUP BY label ORDER BY label"
+    ) == [(lab, 1) for lab in sorted(TINY_LABELS)]
     assert agent.app.counters.get("stored", "samples") == 40
 
 
@@ -103,8 +115,15 @@ def test_feedback(start_agent, peer, agent_config):
     peer.publish("feedback", {"prediction_id": "ev-9", "label": "mechanical"})  # duplicate
     peer.publish("feedback", {"id": "f-2", "prediction_id": "nope", "label": "mechanical"})
     err = peer.expect("feedback/res").json
-    assert err["id"] == "f-2" and err["prediction_id"] == "nope" and err["error"]["code"] == "unknown_prediction"
-    wait_until(lambda: query(db_path(agent_config), "SELECT prediction_id, label FROM feedback") == [("ev-9", "mechanical")])
+    assert (
+        err["id"] == "f-2" and err["prediction_id"] == "nope" and err["error"]["code"] == "unknown_prediction"
+    )
+    wait_until(
+        lambda: (
+            query(db_path(agent_config), "SELECT prediction_id, label FROM feedback")
+            == [("ev-9", "mechanical")]
+        )
+    )
 
 
 # ---- runtime config -----------------------------------------------------------------------------
@@ -112,7 +131,9 @@ def test_feedback(start_agent, peer, agent_config):
 
 def test_config_accepted_applied_live_and_reported(start_agent, peer, broker):
     agent = start_agent()
-    peer.publish("config", {"version": 3, "inference": {"top_k": 2, "low_confidence_threshold": 1.0}}, retain=True)
+    peer.publish(
+        "config", {"version": 3, "inference": {"top_k": 2, "low_confidence_threshold": 1.0}}, retain=True
+    )
     state = peer.expect("config/state", lambda m: m["version"] == 3)
     assert state.json["status"] == "accepted" and state.json["active_version"] == 3
     late = Peer(broker).subscribe(BASE + "config/state")  # the reported state is retained
@@ -135,7 +156,11 @@ def test_rejected_config_changes_nothing(start_agent, peer, agent_config):
     peer.publish("config", bad, retain=True)
     state = peer.expect("config/state", lambda m: m["version"] == 5).json
     assert state["status"] == "rejected" and state["active_version"] == 2
-    assert sorted(e.split(":")[0] for e in state["errors"]) == ["colour", "inference.max_batch", "inference.top_k"]
+    assert sorted(e.split(":")[0] for e in state["errors"]) == [
+        "colour",
+        "inference.max_batch",
+        "inference.top_k",
+    ]
     # stale and conflicting versions are rejected too
     peer.publish("config", {"version": 1}, retain=True)
     assert peer.expect("config/state", lambda m: m["version"] == 1).json["code"] == "stale_version"
@@ -154,7 +179,9 @@ def test_rejected_config_changes_nothing(start_agent, peer, agent_config):
 
 def test_last_good_config_survives_restart_without_broker(start_agent, peer, broker, agent_config):
     agent = start_agent()
-    peer.publish("config", {"version": 7, "inference": {"top_k": 1}, "telemetry": {"interval_s": 5}}, retain=True)
+    peer.publish(
+        "config", {"version": 7, "inference": {"top_k": 1}, "telemetry": {"interval_s": 5}}, retain=True
+    )
     peer.expect("config/state", lambda m: m["version"] == 7 and m["status"] == "accepted")
     peer.publish("config", {"version": 8, "inference": {"top_k": -1}}, retain=True)  # rejected, retained
     peer.expect("config/state", lambda m: m["version"] == 8)
@@ -179,7 +206,11 @@ def test_commands(start_agent, peer, agent_config, tmp_path):
     start_agent()
     peer.publish("cmd", {"id": "c1", "cmd": "status"})
     status = peer.expect("cmd/res", lambda m: m["id"] == "c1").json
-    assert status["ok"] and status["result"]["state"] == "online" and status["result"]["labels"] == sorted(TINY_LABELS)
+    assert (
+        status["ok"]
+        and status["result"]["state"] == "online"
+        and status["result"]["labels"] == sorted(TINY_LABELS)
+    )
 
     peer.publish("cmd", {"id": "c2", "cmd": "snapshot"})
     snap = peer.expect("cmd/res", lambda m: m["id"] == "c2").json
@@ -189,9 +220,15 @@ def test_commands(start_agent, peer, agent_config, tmp_path):
 
     peer.publish("cmd", {"id": "n0", "cmd": "sync_now"})
     res = peer.expect("cmd/res", lambda m: m["id"] == "n0").json
-    assert not res["ok"] and res["error"]["code"] == "not_available" and "not available in this build" in res["error"]["message"]
+    assert (
+        not res["ok"]
+        and res["error"]["code"] == "not_available"
+        and "not available in this build" in res["error"]["message"]
+    )
     # The learner is there, but has nothing to do yet: it says why.
-    for i, (name, why) in enumerate([("train_now", "no new labeled samples"), ("rollback", "no promoted adapter")]):
+    for i, (name, why) in enumerate(
+        [("train_now", "no new labeled samples"), ("rollback", "no promoted adapter")]
+    ):
         peer.publish("cmd", {"id": f"l{i}", "cmd": name})
         res = peer.expect("cmd/res", lambda m, i=i: m["id"] == f"l{i}").json
         assert not res["ok"] and why in res["error"]["message"]
@@ -221,12 +258,16 @@ def test_status_and_telemetry(start_agent, peer, broker):
         status = late.expect("status", lambda m: m["state"] == "online")
     finally:
         late.close()
-    assert status.retain and status.json["model"]["precision"] == "fp32" and status.json["config_version"] == 0
+    assert (
+        status.retain and status.json["model"]["precision"] == "fp32" and status.json["config_version"] == 0
+    )
     peer.publish("config", {"version": 1, "telemetry": {"interval_s": 1}}, retain=True)
     peer.publish("samples", b"not json")
     peer.expect("samples/res")
     peer.publish("infer/req", {"id": "t", "text": "x"})
-    t = peer.expect("telemetry", lambda m: m["config_version"] == 1 and m["inference"]["requests"] >= 1, timeout=15).json
+    t = peer.expect(
+        "telemetry", lambda m: m["config_version"] == 1 and m["inference"]["requests"] >= 1, timeout=15
+    ).json
     assert {"cpu_percent", "memory", "disk", "temperatures_c", "process", "gpu"} <= set(t["system"])
     assert t["system"]["process"]["rss_mb"] > 0
     assert {"p50_ms", "p99_ms", "throughput_per_s", "queue_depth"} <= set(t["inference"])
@@ -248,8 +289,13 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("kind", [Kind.INFER, Kind.EVENT, Kind.SAMPLE, Kind.FEEDBACK, Kind.COMMAND])
 def test_bad_input_on_every_topic(start_agent, peer, agent_config, kind):
     agent = start_agent()
-    res_topic = {Kind.INFER: "infer/res", Kind.EVENT: "events/res", Kind.SAMPLE: "samples/res",
-                 Kind.FEEDBACK: "feedback/res", Kind.COMMAND: "cmd/res"}[kind]
+    res_topic = {
+        Kind.INFER: "infer/res",
+        Kind.EVENT: "events/res",
+        Kind.SAMPLE: "samples/res",
+        Kind.FEEDBACK: "feedback/res",
+        Kind.COMMAND: "cmd/res",
+    }[kind]
     cases = [*BAD_INPUTS, ("oversize", b"x" * (MAX_PAYLOAD_BYTES[kind] + 1))]
     if kind is Kind.SAMPLE:
         cases.append(("unknown_label", b'{"id": "x", "text": "a", "label": "nope"}'))
@@ -266,7 +312,10 @@ def test_bad_input_on_every_topic(start_agent, peer, agent_config, kind):
     assert sum(rejected.values()) == len(cases)
     # no state change, and the agent still serves
     db = db_path(agent_config)
-    assert query(db, "SELECT (SELECT count(*) FROM samples) + (SELECT count(*) FROM feedback) + (SELECT count(*) FROM predictions)") == [(0,)]
+    assert query(
+        db,
+        "SELECT (SELECT count(*) FROM samples) + (SELECT count(*) FROM feedback) + (SELECT count(*) FROM predictions)",
+    ) == [(0,)]
     peer.publish("infer/req", {"id": "alive", "text": "still there?"})
     peer.expect("infer/res", lambda m: m["id"] == "alive")
 
@@ -284,7 +333,9 @@ def test_bad_input_on_the_config_topic(start_agent, peer):
     ]
     for _code, payload in cases:
         peer.publish("config", payload, retain=True)
-    wait_until(lambda: len([m for m in peer.on("config/state") if m.json["status"] == "rejected"]) == len(cases))
+    wait_until(
+        lambda: len([m for m in peer.on("config/state") if m.json["status"] == "rejected"]) == len(cases)
+    )
     rejected = [m.json for m in peer.on("config/state") if m.json["status"] == "rejected"]
     assert [r["code"] for r in rejected] == [c for c, _ in cases]
     assert all(r["errors"] and r["active_version"] == 2 for r in rejected)
@@ -293,7 +344,9 @@ def test_bad_input_on_the_config_topic(start_agent, peer):
 
 
 def test_only_the_config_is_taken_retained(start_agent, peer, agent_config):
-    peer.publish("samples", {"id": "stale", "text": "left retained by mistake", "label": "normal"}, retain=True)
+    peer.publish(
+        "samples", {"id": "stale", "text": "left retained by mistake", "label": "normal"}, retain=True
+    )
     peer.publish("config", {"version": 4}, retain=True)
     agent = start_agent()
     wait_until(lambda: agent.app.runtime.version == 4, what="retained config applied")
@@ -315,7 +368,11 @@ def test_message_on_an_unknown_subtopic_is_ignored(start_agent, peer):
 
 def test_locked_database_keeps_samples_unacked_then_commits(start_agent, peer, broker, tiny_bundle, tmp_path):
     config = write_agent_config(
-        tmp_path / "locked.toml", broker, tiny_bundle, tmp_path / "data", extra="[store]\nbusy_timeout_ms = 50\n"
+        tmp_path / "locked.toml",
+        broker,
+        tiny_bundle,
+        tmp_path / "data",
+        extra="[store]\nbusy_timeout_ms = 50\n",
     )
     agent = start_agent(config)
     db = db_path(config)
@@ -332,7 +389,9 @@ def test_locked_database_keeps_samples_unacked_then_commits(start_agent, peer, b
     finally:
         blocker.rollback()
         blocker.close()
-    wait_until(lambda: query(db, "SELECT count(*) FROM samples")[0][0] == 5, what="samples committed after unlock")
+    wait_until(
+        lambda: query(db, "SELECT count(*) FROM samples")[0][0] == 5, what="samples committed after unlock"
+    )
     wait_until(lambda: agent.app.writer.storage_error is None)
 
 
@@ -361,9 +420,13 @@ topic readwrite edge/#
 """
 
 
-@pytest.mark.skipif(not shutil.which("openssl") or not shutil.which("mosquitto_passwd"), reason="needs openssl")
+@pytest.mark.skipif(
+    not shutil.which("openssl") or not shutil.which("mosquitto_passwd"), reason="needs openssl"
+)
 def test_tls_with_password_and_acl(tmp_path, tiny_bundle, start_agent):
-    broker = Mosquitto.secured(tmp_path / "tls-broker", {"box-1": "box-secret", "operator": "op-secret"}, ACL).start()
+    broker = Mosquitto.secured(
+        tmp_path / "tls-broker", {"box-1": "box-secret", "operator": "op-secret"}, ACL
+    ).start()
     try:
         (tmp_path / "pw").write_text("box-secret\n")
         tls = f'username = "box-1"\npassword_file = "{tmp_path / "pw"}"\n[broker.tls]\nca_file = "{broker.tls_ca}"\n'

@@ -20,7 +20,11 @@ from tests.integration.conftest import BASE, ROOT, Peer, db_path, query, wait_un
 def process_config(tmp_path, broker, tiny_bundle):
     # A short busy timeout, so a locked database shows up at once.
     return write_agent_config(
-        tmp_path / "agent.toml", broker, tiny_bundle, tmp_path / "data", extra="[store]\nbusy_timeout_ms = 50\n"
+        tmp_path / "agent.toml",
+        broker,
+        tiny_bundle,
+        tmp_path / "data",
+        extra="[store]\nbusy_timeout_ms = 50\n",
     )
 
 
@@ -48,11 +52,16 @@ def test_kill9_between_receive_and_commit_loses_nothing(broker, peer, spawn_agen
         blocker.close()
     assert query(db, "SELECT count(*) FROM samples")[0][0] == 0
     # the broker noticed the abrupt loss: the last will replaced the retained status
-    wait_until(lambda: late_status(broker) == {"state": "offline", "clean": False, "device": "box-1"}, what="last will")
+    wait_until(
+        lambda: late_status(broker) == {"state": "offline", "clean": False, "device": "box-1"},
+        what="last will",
+    )
 
     spawn_agent(process_config).wait_ready()  # same client id: the broker redelivers the unacked samples
     wait_until(lambda: query(db, "SELECT count(*) FROM samples")[0][0] == 20, timeout=20, what="20 samples")
-    assert query(db, "SELECT count(DISTINCT sample_id), min(sample_id), max(sample_id) FROM samples") == [(20, "k0", "k9")]
+    assert query(db, "SELECT count(DISTINCT sample_id), min(sample_id), max(sample_id) FROM samples") == [
+        (20, "k0", "k9")
+    ]
 
 
 def test_sigterm_finishes_work_acks_it_and_exits_0(broker, peer, spawn_agent, process_config):
@@ -73,7 +82,9 @@ def test_sigterm_finishes_work_acks_it_and_exits_0(broker, peer, spawn_agent, pr
     spawn_agent(process_config).wait_ready()
     db = db_path(process_config)
     wait_until(lambda: query(db, "SELECT count(*) FROM samples")[0][0] == 30, timeout=20, what="30 samples")
-    wait_until(lambda: len({m.json["id"] for m in peer.on("infer/res")}) == 30, timeout=20, what="30 responses")
+    wait_until(
+        lambda: len({m.json["id"] for m in peer.on("infer/res")}) == 30, timeout=20, what="30 responses"
+    )
     # every request answered exactly once: what the first run took on, it finished and acked
     ids = [m.json["id"] for m in peer.on("infer/res")]
     assert sorted(ids) == sorted(f"q{i}" for i in range(30))
@@ -83,13 +94,21 @@ def test_bad_bootstrap_config_exits_with_config_error(tmp_path, broker, tiny_bun
     bad = tmp_path / "bad.toml"
     bad.write_text('site = "s"\ndevice = "d/x"\ndata_dir = "x"\nbundle = "y"\n[broker]\nport = "1883"\n')
     run = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == exit_codes.CONFIG_ERROR
     assert "device:" in run.stderr and "broker.host: Field required" in run.stderr
 
     check = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "validate-config", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "agent.cli", "validate-config", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert check.returncode == exit_codes.CONFIG_ERROR
     lines = [x for x in check.stderr.splitlines() if x.startswith(f"{bad}: ") and "error(s)" not in x]
@@ -102,14 +121,21 @@ def test_bad_bootstrap_config_exits_with_config_error(tmp_path, broker, tiny_bun
     nobundle = write_agent_config(tmp_path / "nobundle.toml", broker, tmp_path / "missing", tmp_path / "data")
     run = subprocess.run(
         [sys.executable, "-m", "agent.cli", "run", "--config", str(nobundle)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == exit_codes.BUNDLE_ERROR, run.stderr
 
 
 def test_config_schema_command():
     out = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "config-schema"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "agent.cli", "config-schema"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0
     schema = json.loads(out.stdout)
@@ -124,24 +150,58 @@ def test_example_config_serves_mosquitto_clients(tmp_path, broker, tiny_bundle, 
     text = text.replace('data_dir = "../build/edge-agent-data"', f'data_dir = "{tmp_path / "data"}"')
     config = tmp_path / "edge-agent.toml"
     config.write_text(text)
-    assert subprocess.run(
-        [sys.executable, "-m", "agent.cli", "validate-config", str(config)], cwd=ROOT, capture_output=True, timeout=60
-    ).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "agent.cli", "validate-config", str(config)],
+            cwd=ROOT,
+            capture_output=True,
+            timeout=60,
+        ).returncode
+        == 0
+    )
     spawn_agent(config).wait_ready()
     base = "edge/plant-a/line3-box1/"
     sub = subprocess.Popen(
-        ["mosquitto_sub", "-V", "mqttv5", "-h", broker.host, "-p", str(broker.port), "-t", base + "infer/res",
-         "-C", "1", "-W", "30"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            "mosquitto_sub",
+            "-V",
+            "mqttv5",
+            "-h",
+            broker.host,
+            "-p",
+            str(broker.port),
+            "-t",
+            base + "infer/res",
+            "-C",
+            "1",
+            "-W",
+            "30",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     request = {"id": "cli-1", "text": "motor M4 overheating, thermal relay tripped"}
     # mosquitto_sub subscribes in its own time: publish until it prints the answer
     out = None
     for _ in range(20):
         subprocess.run(
-            ["mosquitto_pub", "-V", "mqttv5", "-h", broker.host, "-p", str(broker.port), "-q", "1",
-             "-t", base + "infer/req", "-m", json.dumps(request)],
-            check=True, timeout=10,
+            [
+                "mosquitto_pub",
+                "-V",
+                "mqttv5",
+                "-h",
+                broker.host,
+                "-p",
+                str(broker.port),
+                "-q",
+                "1",
+                "-t",
+                base + "infer/req",
+                "-m",
+                json.dumps(request),
+            ],
+            check=True,
+            timeout=10,
         )
         try:
             out = sub.communicate(timeout=1.0)[0]

@@ -23,12 +23,19 @@ def engine(tiny_bundle):
 
 
 def _expected(tiny_bundle, adapter, texts):
-    with InferenceEngine.open(tiny_bundle, EngineConfig(precision="fp32", cache_size=0), adapter_dir=adapter) as e:
+    with InferenceEngine.open(
+        tiny_bundle, EngineConfig(precision="fp32", cache_size=0), adapter_dir=adapter
+    ) as e:
         return {t: p.label for t, p in zip(texts, e.predict(texts), strict=True)}, e.adapter_version
 
 
 def test_swap_under_concurrent_requests_fails_none(tiny_bundle, random_adapter, random_adapter2, engine):
-    expected = dict([_expected(tiny_bundle, random_adapter, TEXTS)[::-1], _expected(tiny_bundle, random_adapter2, TEXTS)[::-1]])
+    expected = dict(
+        [
+            _expected(tiny_bundle, random_adapter, TEXTS)[::-1],
+            _expected(tiny_bundle, random_adapter2, TEXTS)[::-1],
+        ]
+    )
     engine.activate_adapter(random_adapter)
     errors, results = [], []
     stop = threading.Event()
@@ -85,7 +92,9 @@ def _mutate_tensor(adapter_dir, fn):
         ("unknown_key", "unexpected tensor"),
     ],
 )
-def test_bad_adapter_is_refused_and_active_stays(tmp_path, random_adapter, random_adapter2, engine, breakage, message):
+def test_bad_adapter_is_refused_and_active_stays(
+    tmp_path, random_adapter, random_adapter2, engine, breakage, message
+):
     engine.activate_adapter(random_adapter)
     before = engine.predict(TEXTS[:5])
     bad = _copy(random_adapter2, tmp_path / "bad")
@@ -172,6 +181,8 @@ def test_adapter_with_other_alpha_is_scaled(tiny_bundle, random_adapter, tmp_pat
 def test_precision_trial_on_the_plants_own_texts(tiny_bundle, random_adapter):
     """The auto trial runs on given texts (more than one chunk of them) and picks a CPU precision."""
     texts = [f"{t} #{i}" for i, t in enumerate(TEXTS * 4)]
-    with InferenceEngine.open(tiny_bundle, EngineConfig(), adapter_dir=random_adapter, calibration_texts=texts) as e:
+    with InferenceEngine.open(
+        tiny_bundle, EngineConfig(), adapter_dir=random_adapter, calibration_texts=texts
+    ) as e:
         assert e.precision in ("fp32", "int8") and e.adapter_version == "a1"
         assert len(e.predict(texts[:3])) == 3

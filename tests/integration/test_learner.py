@@ -38,11 +38,21 @@ def setup(tmp_path, tiny_bundle):
         triggers=policy.TriggerPolicy(min_new_samples=150),
         limits=policy.ResourceLimits(max_cpu_percent=100, min_free_memory_mb=0, max_inference_p99_ms=1e9),
         gate=policy.GatePolicy(epsilon=0.01, delta=0.1),
-        epochs=8, lr=5e-3, min_interval_s=0, threads=1, anchor_lambda=1e-4,
+        epochs=8,
+        lr=5e-3,
+        min_interval_s=0,
+        threads=1,
+        anchor_lambda=1e-4,
     )
     events = []
-    manager = LearnerManager(db_path=store.path, bundle_dir=tiny_bundle, data_dir=tmp_path, engine=engine,
-                             settings=settings, publish=lambda e, b: events.append((e, b)))
+    manager = LearnerManager(
+        db_path=store.path,
+        bundle_dir=tiny_bundle,
+        data_dir=tmp_path,
+        engine=engine,
+        settings=settings,
+        publish=lambda e, b: events.append((e, b)),
+    )
     yield store, engine, manager, events
     manager.stop()
     engine.close()

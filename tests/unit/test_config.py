@@ -69,7 +69,9 @@ def test_minimal_config_defaults(tmp_path):
 
 
 def test_every_error_has_its_key_path(tmp_path):
-    text = MINIMAL.replace('site = "s1"', 'site = "a/b"').replace('host = "localhost"', 'port = 70000\ncolour = 1')
+    text = MINIMAL.replace('site = "s1"', 'site = "a/b"').replace(
+        'host = "localhost"', "port = 70000\ncolour = 1"
+    )
     errors = validate_config_file(write(tmp_path, text))
     joined = "\n".join(errors)
     assert any(e.startswith("site: ") for e in errors), joined
@@ -103,7 +105,9 @@ def test_password_needs_username(tmp_path):
 
 def test_tls_cert_without_key(tmp_path):
     text = MINIMAL + '[broker.tls]\nca_file = "ca.pem"\ncert_file = "c.pem"\n'
-    assert validate_config_file(write(tmp_path, text)) == ["broker.tls: cert_file and key_file must be given together"]
+    assert validate_config_file(write(tmp_path, text)) == [
+        "broker.tls: cert_file and key_file must be given together"
+    ]
 
 
 def test_check_paths_reports_missing_files(tmp_path):
@@ -144,7 +148,13 @@ def test_password_credential_reads_credentials_directory(tmp_path, monkeypatch):
 def test_unwritable_data_dir(tmp_path):
     (tmp_path / "file").write_text("")
     config = parse_bootstrap(
-        {"site": "s", "device": "d", "data_dir": str(tmp_path / "file" / "sub"), "bundle": "b", "broker": {"host": "h"}}
+        {
+            "site": "s",
+            "device": "d",
+            "data_dir": str(tmp_path / "file" / "sub"),
+            "bundle": "b",
+            "broker": {"host": "h"},
+        }
     )
     assert any(e.startswith("data_dir: ") for e in check_paths(config))
 
@@ -193,7 +203,9 @@ def test_runtime_rejects_non_finite_numbers(bad):
 
 def test_runtime_is_strict_about_types():
     assert errors_of(parse_runtime, {"version": "1"})[0].startswith("version: ")
-    assert errors_of(parse_runtime, {"version": 1, "store": {"store_text": 1}})[0].startswith("store.store_text: ")
+    assert errors_of(parse_runtime, {"version": 1, "store": {"store_text": 1}})[0].startswith(
+        "store.store_text: "
+    )
     # a JSON integer is a fine float
     assert parse_runtime({"version": 1, "inference": {"max_wait_ms": 1}}).inference.max_wait_ms == 1.0
 
@@ -209,7 +221,9 @@ def test_runtime_json_file_is_validated(tmp_path):
     assert validate_config_file(write(tmp_path, json.dumps({"version": 2}), "c.json")) == []
     (err,) = validate_config_file(write(tmp_path, '{"version": NaN}', "bad.json"))
     assert "invalid JSON" in err
-    (err,) = validate_config_file(write(tmp_path, json.dumps({"version": 2, "telemetry": {"interval_s": 0}}), "c2.json"))
+    (err,) = validate_config_file(
+        write(tmp_path, json.dumps({"version": 2, "telemetry": {"interval_s": 0}}), "c2.json")
+    )
     assert err.startswith("telemetry.interval_s: ")
 
 

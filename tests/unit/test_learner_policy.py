@@ -6,12 +6,16 @@ from agent.learner import policy as p
 
 
 def inputs(**kw):
-    base = dict(new_samples=0, feedback_accuracy=None, feedback_count=0, accepted_accuracy=None, label_psi=None)
+    base = dict(
+        new_samples=0, feedback_accuracy=None, feedback_count=0, accepted_accuracy=None, label_psi=None
+    )
     return p.TriggerInputs(**{**base, **kw})
 
 
 def test_triggers_in_order():
-    pol = p.TriggerPolicy(min_new_samples=100, accuracy_drop=0.05, min_feedback=20, drift_enabled=True, drift_threshold=0.2)
+    pol = p.TriggerPolicy(
+        min_new_samples=100, accuracy_drop=0.05, min_feedback=20, drift_enabled=True, drift_threshold=0.2
+    )
     assert p.training_reason(inputs(), pol) is None
     assert p.training_reason(inputs(manual=True, new_samples=1), pol) == "manual"
     assert p.training_reason(inputs(manual=True), pol) is None
@@ -19,7 +23,12 @@ def test_triggers_in_order():
     drop = inputs(new_samples=5, feedback_accuracy=0.7, feedback_count=30, accepted_accuracy=0.9)
     assert p.training_reason(drop, pol).startswith("accuracy_drop")
     # Too little feedback to trust the drop.
-    assert p.training_reason(inputs(new_samples=5, feedback_accuracy=0.7, feedback_count=5, accepted_accuracy=0.9), pol) is None
+    assert (
+        p.training_reason(
+            inputs(new_samples=5, feedback_accuracy=0.7, feedback_count=5, accepted_accuracy=0.9), pol
+        )
+        is None
+    )
     assert p.training_reason(inputs(new_samples=5, label_psi=0.3), pol).startswith("drift")
     assert p.training_reason(inputs(new_samples=5, scheduled_due=True), pol) == "schedule"
     # Nothing new to learn from: no round, whatever else says so.
@@ -32,15 +41,21 @@ def test_psi_zero_for_same_distribution_and_large_for_shift():
     assert p.population_stability_index(a, {"x": 90, "y": 10}) > 0.25
 
 
-@given(st.dictionaries(st.sampled_from("abcde"), st.integers(1, 100), min_size=1),
-       st.dictionaries(st.sampled_from("abcde"), st.integers(1, 100), min_size=1))
+@given(
+    st.dictionaries(st.sampled_from("abcde"), st.integers(1, 100), min_size=1),
+    st.dictionaries(st.sampled_from("abcde"), st.integers(1, 100), min_size=1),
+)
 def test_psi_is_non_negative(a, b):
     assert p.population_stability_index(a, b) >= 0.0
 
 
 def test_resource_guard():
-    lim = p.ResourceLimits(max_cpu_percent=70, min_free_memory_mb=1000, max_temperature_c=80, max_inference_p99_ms=100)
-    ok = p.Resources(cpu_percent=20, free_memory_mb=5000, max_temperature_c=50, inference_p99_ms=10, inference_queue=0)
+    lim = p.ResourceLimits(
+        max_cpu_percent=70, min_free_memory_mb=1000, max_temperature_c=80, max_inference_p99_ms=100
+    )
+    ok = p.Resources(
+        cpu_percent=20, free_memory_mb=5000, max_temperature_c=50, inference_p99_ms=10, inference_queue=0
+    )
     assert p.resource_refusal(ok, lim) is None
     assert "memory" in p.resource_refusal(p.Resources(20, 500, 50, 10, 0), lim)
     assert "cpu" in p.resource_refusal(p.Resources(90, 5000, 50, 10, 0), lim)
@@ -74,7 +89,9 @@ def test_gate_ignores_classes_too_small_to_judge():
 
 def test_evaluate_counts_per_class():
     r = p.evaluate(["a", "b", "a", "a"], ["a", "b", "b", "a"])
-    assert r.accuracy == 0.75 and r.per_class == {"a": 1.0, "b": 0.5} and r.per_class_count == {"a": 2, "b": 2}
+    assert (
+        r.accuracy == 0.75 and r.per_class == {"a": 1.0, "b": 0.5} and r.per_class_count == {"a": 2, "b": 2}
+    )
     with pytest.raises(ValueError):
         p.evaluate(["a"], [])
 

@@ -23,15 +23,21 @@ from agent.messages import (
 )
 from agent.topics import Kind, Topics
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+json_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+)
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 # Texts as a device would send them: any Unicode except surrogates and NUL, not blank.
 texts = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=200
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    min_size=1,
+    max_size=200,
 ).filter(lambda s: s.strip())
 ids = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40)
 
@@ -93,7 +99,10 @@ def test_valid_infer_requests_round_trip(batch, rid):
     assert single.all_texts() == batch[:1]
 
 
-@given(token=st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-2e999"]), kind=st.sampled_from(list(Kind)))
+@given(
+    token=st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-2e999"]),
+    kind=st.sampled_from(list(Kind)),
+)
 def test_non_finite_numbers_are_rejected_anywhere(token, kind):
     payload = f'{{"id": "x", "ts": {token}, "text": "a", "label": "b", "version": 1}}'.encode()
     assert error_of(kind, payload).code is ErrorCode.INVALID_JSON
@@ -196,7 +205,11 @@ def test_models_for_each_kind():
     cmd = parse(Kind.COMMAND, enc({"id": "c1", "cmd": "snapshot", "args": {"k": [1, "a"]}}))
     assert isinstance(cmd, Command) and cmd.args == {"k": [1, "a"]}
     f1 = Feedback(prediction_id="p", label="a")
-    assert f1.key() == Feedback(prediction_id="p", label="a").key() != Feedback(prediction_id="p", label="b").key()
+    assert (
+        f1.key()
+        == Feedback(prediction_id="p", label="a").key()
+        != Feedback(prediction_id="p", label="b").key()
+    )
     assert Sample(text="t", label="a").key() != Sample(text="t", label="b").key()
     assert Sample(id="s1", text="t", label="a").key() == "id:s1"
 

@@ -34,7 +34,9 @@ def words(text: str) -> list[str]:
 
 def vocabulary(records: list[LabeledText]) -> set[str]:
     """Lower-case words of letters (and underscores, for sensor keys): numbers and ids vary by design."""
-    return {w.lower() for r in records for w in re.findall(r"\w+", r.text) if re.fullmatch(r"[a-z_]+", w, re.I)}
+    return {
+        w.lower() for r in records for w in re.findall(r"\w+", r.text) if re.fullmatch(r"[a-z_]+", w, re.I)
+    }
 
 
 def repeat_share(texts: list[str]) -> float:
@@ -186,8 +188,11 @@ def test_load_csv_names_the_missing_column(tmp_path: Path) -> None:
 
 
 def test_load_csv_names_the_bad_row(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "x.csv", ["t", "text", "label"],
-                     [["2026-01-01T00:00:00", "ok", "normal"], ["yesterday", "leak", "hydraulic"]])
+    path = write_csv(
+        tmp_path / "x.csv",
+        ["t", "text", "label"],
+        [["2026-01-01T00:00:00", "ok", "normal"], ["yesterday", "leak", "hydraulic"]],
+    )
     with pytest.raises(CsvFormatError, match=r"line 3: cannot read time 'yesterday'"):
         load_csv(path, "text", "label", time_col="t")
     short = write_csv(tmp_path / "y.csv", ["text", "label"], [["ok", "normal"], ["leak"]])
@@ -199,14 +204,27 @@ def test_load_csv_names_the_bad_row(tmp_path: Path) -> None:
 
 
 def run_tool(*args: str) -> list[dict[str, object]]:
-    done = subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=30, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=True
+    )
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
 def test_simulate_dry_run_prints_device_payloads() -> None:
-    samples = run_tool("tools.simulate", "--dry-run", "--site", "site1", "--device", "d1",
-                       "--count", "25", "--rate", "0", "--seed", "3")
+    samples = run_tool(
+        "tools.simulate",
+        "--dry-run",
+        "--site",
+        "site1",
+        "--device",
+        "d1",
+        "--count",
+        "25",
+        "--rate",
+        "0",
+        "--seed",
+        "3",
+    )
     expected = PlantStream(default_sites(2, seed=3)[1], seed=3).take(25)
     assert [s["text"] for s in samples] == [r.text for r in expected]
     for sample in samples:
@@ -220,8 +238,25 @@ def test_simulate_dry_run_prints_device_payloads() -> None:
 
 
 def test_replay_dry_run_publishes_each_row(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "r.csv", ["when", "text", "label"],
-                     [["2", "second", "normal"], ["1", "first, with comma", "mechanical"]])
-    samples = run_tool("tools.replay", str(path), "--text-col", "text", "--label-col", "label",
-                       "--time-col", "when", "--speed", "0", "--dry-run")
-    assert [(s["text"], s["label"]) for s in samples] == [("first, with comma", "mechanical"), ("second", "normal")]
+    path = write_csv(
+        tmp_path / "r.csv",
+        ["when", "text", "label"],
+        [["2", "second", "normal"], ["1", "first, with comma", "mechanical"]],
+    )
+    samples = run_tool(
+        "tools.replay",
+        str(path),
+        "--text-col",
+        "text",
+        "--label-col",
+        "label",
+        "--time-col",
+        "when",
+        "--speed",
+        "0",
+        "--dry-run",
+    )
+    assert [(s["text"], s["label"]) for s in samples] == [
+        ("first, with comma", "mechanical"),
+        ("second", "normal"),
+    ]

@@ -44,7 +44,9 @@ def sample(i: int, label: str = "a", text: str | None = None) -> NewSample:
 
 
 def prediction(pid: str, text: str = "t") -> NewPrediction:
-    return NewPrediction(id=pid, text=text, text_sha256="h", label="a", score=0.9, top_k=[("a", 0.9), ("b", 0.1)])
+    return NewPrediction(
+        id=pid, text=text, text_sha256="h", label="a", score=0.9, top_k=[("a", 0.9), ("b", 0.1)]
+    )
 
 
 def rows(store: Store, sql: str, params=()):
@@ -91,7 +93,11 @@ def test_one_connection_per_thread(store):
 
 def test_samples_are_stored_once(store):
     assert store.write([sample(1), sample(2)], 0.1) == [Outcome.STORED, Outcome.STORED]
-    assert store.write([sample(1), sample(3), sample(3)], 0.1) == [Outcome.DUPLICATE, Outcome.STORED, Outcome.DUPLICATE]
+    assert store.write([sample(1), sample(3), sample(3)], 0.1) == [
+        Outcome.DUPLICATE,
+        Outcome.STORED,
+        Outcome.DUPLICATE,
+    ]
     assert rows(store, "SELECT count(*) FROM samples")[0][0] == 3
     assert store.totals()["samples"] == 3
 
@@ -145,7 +151,10 @@ def test_holdout_target_rounds_to_nearest():
     assert holdout_target(10, 0.0) == 0
 
 
-@given(labels=st.lists(st.sampled_from("abc"), min_size=1, max_size=300), fraction=st.sampled_from([0.0, 0.1, 0.25, 0.5]))
+@given(
+    labels=st.lists(st.sampled_from("abc"), min_size=1, max_size=300),
+    fraction=st.sampled_from([0.0, 0.1, 0.25, 0.5]),
+)
 def test_holdout_is_stratified_by_label(tmp_path_factory, labels, fraction):
     s = Store(tmp_path_factory.mktemp("h") / "x.db").open()
     try:
@@ -164,7 +173,12 @@ def test_holdout_is_stratified_by_label(tmp_path_factory, labels, fraction):
 # ---- retention ----------------------------------------------------------------------------------
 
 
-@given(n=st.integers(0, 500), h=st.integers(0, 500), limit=st.integers(1, 400), fraction=st.sampled_from([0.0, 0.1, 0.3]))
+@given(
+    n=st.integers(0, 500),
+    h=st.integers(0, 500),
+    limit=st.integers(1, 400),
+    fraction=st.sampled_from([0.0, 0.1, 0.3]),
+)
 def test_retention_plan_properties(n, h, limit, fraction):
     h = min(h, n)
     drop_train, drop_holdout = retention_plan(n, h, limit, fraction)
@@ -186,7 +200,9 @@ def test_retention_drops_oldest_training_samples_first(store):
     # the holdout's share of 150 rows is 15: it gives up its 5 oldest, training rows the other 45
     deleted = store.enforce_retention(RetentionLimits(**{**LIMITS.__dict__, "max_samples": 150}))
     assert (deleted["train"], deleted["holdout"]) == (45, 5)
-    assert [r[0] for r in rows(store, "SELECT id FROM samples WHERE split = ? ORDER BY id", (HOLDOUT,))] == holdout[5:]
+    assert [
+        r[0] for r in rows(store, "SELECT id FROM samples WHERE split = ? ORDER BY id", (HOLDOUT,))
+    ] == holdout[5:]
     train_ids = [r[0] for r in rows(store, "SELECT id FROM samples WHERE split = ? ORDER BY id", (TRAIN,))]
     assert len(train_ids) == 135 and train_ids[0] > 45
     assert store.totals()["samples"] == 150 and store.totals()["holdout"] == 15
@@ -230,7 +246,9 @@ def test_retention_of_predictions_and_feedback(store):
     )
     deleted = store.enforce_retention(limits, now=11 * 86400.0)
     assert deleted["predictions"] == 5 + 2 and deleted["feedback"] == 6
-    assert [r[0] for r in rows(store, "SELECT id FROM predictions ORDER BY id")] == [f"new{i}" for i in range(2, 10)]
+    assert [r[0] for r in rows(store, "SELECT id FROM predictions ORDER BY id")] == [
+        f"new{i}" for i in range(2, 10)
+    ]
     assert [r[0] for r in rows(store, "SELECT key FROM feedback ORDER BY id")] == ["k6", "k7", "k8", "k9"]
 
 
