@@ -199,6 +199,13 @@ def run_round(spec: RoundSpec) -> RoundResult:
     except TrainingCancelled as e:
         result.status, result.message = "cancelled", str(e)
         return result
+    log.info(
+        "round %s: trained %d steps in %.1fs; peak RSS %.0f MB",
+        spec.version,
+        tr.steps,
+        tr.seconds,
+        _peak_rss_mb(),
+    )
     older, recent = read_holdout(spec.db_path, labels, spec.since_sample_id)
     slices = {"older": older, "recent": recent, "all": older + recent}
     result.candidate = {
@@ -209,14 +216,33 @@ def run_round(spec: RoundSpec) -> RoundResult:
         k: asdict(v)
         for k, v in evaluate_adapter(spec.bundle_dir, spec.parent_dir, spec.precision, slices).items()
     }
+    log.info(
+        "round %s: evaluated on %d holdout rows; peak RSS %.0f MB",
+        spec.version,
+        len(older) + len(recent),
+        _peak_rss_mb(),
+    )
     result.status, result.steps, result.seconds = "trained", tr.steps, tr.seconds
     return result
 
 
-def run_round_process(spec_json: str) -> None:
-    """Entry point of the spawned learner process."""
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS. Not ``ru_maxrss``: Linux carries it across exec, so a spawned
+    child would report its parent's RSS at fork time (the daemon's, or a benchmark's 1.7 GB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_round_process(spec_json: str) -> None:
+    """Entry point of the spawned learner process."""
     spec = RoundSpec(**json.loads(spec_json))
     os.nice(spec.nice)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -229,7 +255,7 @@ def run_round_process(spec_json: str) -> None:
         log.exception("round %s failed", spec.version)
         result = RoundResult("failed", spec.version, message=f"{type(e).__name__}: {e}")
     result.seconds = result.seconds or time.perf_counter() - start
-    result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    result.peak_rss_mb = _peak_rss_mb()
     tmp = Path(spec.result_path).with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(result)))
     os.replace(tmp, spec.result_path)

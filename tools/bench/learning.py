@@ -47,7 +47,7 @@ Protocol (simulated by default, the same on ``--dataset CSV``):
   runs in a spawned child at nice 10 with 1 torch thread (as the daemon runs it, with the pause file
   driven by the engine's queue depth once a second like ``LearnerManager.tick``), then idle again.
   ``infer_p99_ratio_training`` = p99 during the round / p99 idle (both idle windows).
-  ``learner_peak_rss_mb`` = the child's ``ru_maxrss``; ``train_seconds_per_round`` = the child's
+  ``learner_peak_rss_mb`` = the child's own peak RSS (``VmHWM``); ``train_seconds_per_round`` = the child's
   training time (``*_in_process``: the median of the chunk rounds run in this process with 2 threads).
 * **Ablations**: the online part again without replay (``replay_fraction`` 0), without the lambda
   term (0), and without the gate (always promote); when the full run's gate never refused, the
