@@ -261,7 +261,21 @@ class LearnerManager:
 
     # ---- internals ----------------------------------------------------------------------------
     def _since_id(self) -> int:
+        """Newest sample id a round has seen, promoted or not: the trigger counts samples after it,
+        so a refused candidate does not re-trigger on the same data at once."""
         return int(self._state("trained_through_id", "0") or 0)
+
+    def _active_data_through_id(self) -> int:
+        """Newest sample id the active adapter learned from (0 for the base). A round trains on,
+        and the gate's "recent" slice is, everything after it: data of a refused round is not
+        dropped but learned again with the next round's, with more evidence (measured by the
+        learning benchmark: refused early rounds otherwise lose the first drifted samples)."""
+        active = self.active_version()
+        if active is None:
+            return 0
+        with self._db() as con:
+            row = con.execute("SELECT data_to_id FROM adapter_versions WHERE version=?", (active,)).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
     def _training_reason(self, now: float) -> str | None:
         since = self._since_id()
@@ -377,7 +391,7 @@ class LearnerManager:
             precision=self.engine.precision if self.engine.precision in ("fp32", "int8") else "fp32",
             max_train_samples=s.max_train_samples,
             replay_fraction=s.replay_fraction,
-            since_sample_id=self._since_id(),
+            since_sample_id=self._active_data_through_id(),
             epochs=s.epochs,
             lr=s.lr,
             batch_size=s.batch_size,
@@ -467,6 +481,7 @@ class LearnerManager:
             except AdapterError as e:
                 decision = policy.GateDecision(False, [f"activation failed: {e}"])
         status = "promoted" if decision.promote else "rejected"
+        seen = max(self._since_id(), int(result.get("max_sample_id") or 0))
         with self._db() as con:
             con.execute("BEGIN IMMEDIATE")
             con.execute(
@@ -489,7 +504,7 @@ class LearnerManager:
             )
             # Samples seen by this round count as trained, promoted or not: a refused candidate
             # must not re-trigger on the same data forever.
-            self._set_state(con, "trained_through_id", str(result.get("max_sample_id", spec.since_sample_id)))
+            self._set_state(con, "trained_through_id", str(seen))
             if decision.promote:
                 if parent:
                     con.execute(

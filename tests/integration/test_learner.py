@@ -91,6 +91,12 @@ def test_learns_promotes_refuses_bad_candidate_and_rolls_back(setup):
     rejected = [v for v in manager.versions() if v["status"] == "rejected"]
     assert len(rejected) == 1 and "older" in rejected[0]["reason"]
     assert events[-1][1]["status"] == "rejected"
+    # The refused round's samples are not dropped: the trigger counts from after them, but the
+    # next round trains on (and the gate's "recent" slice is) everything after the active's data.
+    promoted = next(v for v in manager.versions() if v["version"] == first)
+    assert rejected[0]["data_from_id"] == promoted["data_to_id"] < rejected[0]["data_to_id"]
+    assert manager._active_data_through_id() == promoted["data_to_id"]
+    assert manager._since_id() == rejected[0]["data_to_id"]
 
     # Rollback to the base, then forward again to the kept version.
     assert manager.rollback()["to"] == "base"

@@ -18,15 +18,17 @@ Protocol (simulated by default, the same on ``--dataset CSV``):
   on the pre-drift test part (the records that came right after its training data; prequential).
 * **Prequential online learning**, as the learner does it: every chunk is first *predicted* with
   the active adapter (engine, ONNX Runtime fp32, what the box would answer), then becomes labeled
-  data: a round trains a candidate continuing from the active adapter on the chunk's train rows
-  plus a class-balanced replay of all older train rows (``replay_fraction`` 0.5, equal count per
-  label, as ``round.read_training_set``), 10 % of that set for early stopping, and the
-  ``anchor_lambda`` (1e-3) pull toward the pre-drift base adapter (the "fleet" anchor). The gate
+  data: a round trains a candidate continuing from the active adapter on the train rows the
+  active adapter has not learned from (this chunk's, plus those of chunks whose candidate was
+  refused since the last promotion, as the daemon's ``_active_data_through_id``) plus a
+  class-balanced replay of the older train rows (``replay_fraction`` 0.5, equal count per label,
+  as ``round.read_training_set``), 10 % of that set for early stopping, and the ``anchor_lambda``
+  (1e-3) pull toward the pre-drift base adapter (the "fleet" anchor). The gate
   (``policy.promotion_decision``, default ``GatePolicy``) compares candidate and active on the
-  holdout split as ``round.read_holdout`` does (recent = the holdout rows of the chunk just
-  received, i.e. newer than the last round; older = the rows before them, newest 4,000); the
-  candidate is promoted or dropped. A chunk counts as trained either way (as the daemon does). Chunk rounds train at most
-  ``round_epochs`` (4) epochs: they continue from an adapter that already fits the task.
+  holdout split as ``round.read_holdout`` does (recent = the holdout rows newer than the active
+  adapter's data; older = the rows before them, newest 4,000); the candidate is promoted or
+  dropped. Chunk rounds train at most ``round_epochs`` (4) epochs: they continue from an adapter
+  that already fits the task.
   ``acc_drift_online``: pooled prequential accuracy over the drifted chunks *after the first* (the
   first is predicted before any drifted label exists, so it equals no learning);
   ``acc_drift_no_learning``: the base adapter on those same chunks. ``*_all_chunks`` include chunk 0.
@@ -554,13 +556,17 @@ def run_online(
     active = base_dir
     older_train = list(split.pre_train)
     holdout = list(split.pre_holdout)
+    # Rows after the active adapter's data (as the daemon's ``_active_data_through_id``): a refused
+    # round's rows stay "new" and are learned again with the next chunk's.
+    pending_train: list[Row] = []
+    pending_holdout: list[Row] = []
     correct: list[tuple[int, int]] = []
     rounds: list[dict[str, Any]] = []
     vdir = work / "adapters" / variant.name
     for k, chunk in enumerate(split.chunks):
         correct.append(ev.correct(active, chunk))
-        new = split.chunk_train(k)
-        new_holdout = split.chunk_holdout_rows(k)
+        new = pending_train + list(split.chunk_train(k))
+        new_holdout = pending_holdout + list(split.chunk_holdout_rows(k))
         texts, labs, n_new, n_replay = training_set(
             new, older_train, labels, variant.replay_fraction, seed + 1000 + k
         )
@@ -579,7 +585,6 @@ def run_online(
             val=val,
         )
         older, recent = holdout_slices(holdout, new_holdout)
-        holdout += new_holdout
         cand_rep = {"older": ev.report(cand, older), "recent": ev.report(cand, recent)}
         act_rep = {"older": ev.report(active, older), "recent": ev.report(active, recent)}
         decision = promotion_decision(cand_rep, act_rep, gate)
@@ -610,7 +615,11 @@ def run_online(
         )
         if promote:
             active = cand
-        older_train += new  # trained through, promoted or not (as the daemon does)
+            older_train += new
+            holdout += new_holdout
+            pending_train, pending_holdout = [], []
+        else:
+            pending_train, pending_holdout = new, new_holdout
     final_post = ev.accuracy(active, split.post_test)
     final_pre = ev.accuracy(active, split.pre_test)
     chunk_acc = chunk_accuracies(correct)
