@@ -282,6 +282,12 @@ class LearningSettings(_RuntimeSection):
         le=100,
         description="weight of the pull ||theta - theta*||^2 toward the fleet (or active) adapter",
     )
+    distill_weight: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="weight of distilling the fleet (or active) model's predictions where they are right",
+    )
     replay_fraction: float = Field(
         0.5, ge=0, lt=1, description="share of each round's data replayed from older samples, class-balanced"
     )

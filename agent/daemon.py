@@ -158,6 +158,7 @@ def learner_settings(runtime: RuntimeConfig) -> LearnerSettings:
         lr=ls.learning_rate,
         batch_size=ls.batch_size,
         anchor_lambda=ls.anchor_lambda,
+        distill_weight=ls.distill_weight,
         replay_fraction=ls.replay_fraction,
         max_train_samples=ls.max_train_samples,
         time_budget_s=ls.time_budget_s,

@@ -57,6 +57,7 @@ class LearnerSettings:
     lr: float = 1e-3
     batch_size: int = 16
     anchor_lambda: float = 1e-3
+    distill_weight: float = 1.0
     replay_fraction: float = 0.5
     max_train_samples: int = 4000
     time_budget_s: float = 600.0
@@ -396,6 +397,7 @@ class LearnerManager:
             lr=s.lr,
             batch_size=s.batch_size,
             anchor_lambda=s.anchor_lambda,
+            distill_weight=s.distill_weight,
             time_budget_s=s.time_budget_s,
             threads=s.threads,
             pause_file=str(self._pause_file),

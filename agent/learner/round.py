@@ -45,6 +45,7 @@ class RoundSpec:
     lr: float = 1e-3
     batch_size: int = 16
     anchor_lambda: float = 1e-3
+    distill_weight: float = 0.0
     time_budget_s: float | None = 600.0
     threads: int = 1
     nice: int = 10
@@ -188,6 +189,7 @@ def run_round(spec: RoundSpec) -> RoundResult:
                 threads=spec.threads,
                 time_budget_s=spec.time_budget_s,
                 anchor_lambda=spec.anchor_lambda,
+                distill_weight=spec.distill_weight,
             ),
             init_adapter=Path(spec.parent_dir) if spec.parent_dir else None,
             parent=Path(spec.parent_dir).name if spec.parent_dir else None,

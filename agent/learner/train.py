@@ -2,8 +2,10 @@
 
 Against forgetting: the caller mixes a class-balanced replay of older samples into ``texts``,
 and the loss adds ``anchor_lambda * ||theta - theta*||^2`` where theta* are the trainable tensors of
-an anchor adapter (the fleet's global adapter, else the active one). Early stopping keeps the
-epoch with the best validation accuracy.
+an anchor adapter (the fleet's global adapter, else the active one). Optionally the loss also
+distils the anchor model's predictions (KL at temperature T) on the rows where the anchor is
+right: old behaviour is kept where it was correct, and drifted rows it gets wrong are left to the
+cross-entropy. Early stopping keeps the epoch with the best validation accuracy.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class TrainConfig:
     threads: int | None = None
     time_budget_s: float | None = None
     anchor_lambda: float = 0.0
+    distill_weight: float = 0.0  # weight of the KL term toward the anchor model's predictions
+    distill_temperature: float = 2.0
     patience: int = 2  # epochs without validation gain before stopping
 
 
@@ -83,9 +87,12 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(Path(bundle_dir) / "tokenizer")
     model = new_peft_model(bundle_dir, manifest, init_adapter)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    anchor = (
-        _anchor_tensors(bundle_dir, manifest, anchor_adapter, trainable) if config.anchor_lambda > 0 else {}
-    )
+    teacher = None
+    if config.anchor_lambda > 0 or config.distill_weight > 0:
+        teacher = _anchor_model(bundle_dir, manifest, anchor_adapter, model)
+    anchor = _anchor_tensors(teacher, trainable) if config.anchor_lambda > 0 else {}
+    if config.distill_weight <= 0:
+        teacher = None
     opt = torch.optim.AdamW(list(trainable.values()), lr=config.lr)
     y_all = np.array([index[lab] for lab in labels])
     rng = np.random.default_rng(config.seed)
@@ -124,8 +131,13 @@ def train_adapter(
             if wait_if_paused is not None:
                 wait_if_paused()
             idx = order[b : b + config.batch_size]
-            out = model(**encode([texts[i] for i in idx]), labels=torch.as_tensor(y_all[idx]))
+            batch, y = encode([texts[i] for i in idx]), torch.as_tensor(y_all[idx])
+            out = model(**batch, labels=y)
             loss = out.loss
+            if teacher is not None:
+                loss = loss + config.distill_weight * _distill_loss(
+                    out.logits, teacher, batch, y, config.distill_temperature
+                )
             if anchor:
                 loss = loss + config.anchor_lambda * sum(
                     ((trainable[n] - t) ** 2).sum() for n, t in anchor.items()
@@ -176,15 +188,39 @@ def train_adapter(
     return TrainResult(version, steps, epoch, seconds, loss_value, best_acc, stopped)
 
 
-def _anchor_tensors(bundle_dir: Path, manifest, anchor_adapter: Path | None, trainable: dict) -> dict:
-    """theta*: the anchor adapter's values for every trainable tensor (zeros-delta = base if none)."""
+def _anchor_model(bundle_dir: Path, manifest, anchor_adapter: Path | None, model):
+    """The anchor as a frozen model: the given adapter, else a copy of the model as it starts."""
+    import copy
+
+    anchor = new_peft_model(bundle_dir, manifest, anchor_adapter) if anchor_adapter else copy.deepcopy(model)
+    anchor.eval()
+    for p in anchor.parameters():
+        p.requires_grad_(False)
+    return anchor
+
+
+def _anchor_tensors(anchor_model, trainable: dict) -> dict:
+    """theta*: the anchor's values for every trainable tensor."""
     import torch
 
-    if anchor_adapter is None:
-        return {n: p.detach().clone() for n, p in trainable.items()}
-    anchor_model = new_peft_model(bundle_dir, manifest, anchor_adapter)
     values = dict(anchor_model.named_parameters())
     missing = [n for n in trainable if n not in values]
     if missing:
         raise ValueError(f"anchor adapter lacks trainable tensors, e.g. {missing[:2]}")
     return {n: values[n].detach().clone().to(torch.float32) for n in trainable}
+
+
+def _distill_loss(logits, teacher, batch, y, temperature: float):
+    """KL(teacher || student) at temperature T, on the rows the teacher classifies correctly."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        t_logits = teacher(**batch).logits
+    keep = t_logits.argmax(-1) == y
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(logits[keep] / t, -1), F.softmax(t_logits[keep] / t, -1), reduction="batchmean"
+    ) * (t * t)

@@ -430,6 +430,7 @@ class Variant:
     replay_fraction: float
     anchor_lambda: float
     gate: bool
+    distill_weight: float = 0.0
 
 
 def variants() -> dict[str, Variant]:
@@ -437,10 +438,11 @@ def variants() -> dict[str, Variant]:
 
     s = LearnerSettings()
     return {
-        "full": Variant("full", s.replay_fraction, s.anchor_lambda, True),
-        "no_replay": Variant("no_replay", 0.0, s.anchor_lambda, True),
-        "no_lambda": Variant("no_lambda", s.replay_fraction, 0.0, True),
-        "no_gate": Variant("no_gate", s.replay_fraction, s.anchor_lambda, False),
+        "full": Variant("full", s.replay_fraction, s.anchor_lambda, True, s.distill_weight),
+        "no_replay": Variant("no_replay", 0.0, s.anchor_lambda, True, s.distill_weight),
+        "no_lambda": Variant("no_lambda", s.replay_fraction, 0.0, True, s.distill_weight),
+        "no_distill": Variant("no_distill", s.replay_fraction, s.anchor_lambda, True, 0.0),
+        "no_gate": Variant("no_gate", s.replay_fraction, s.anchor_lambda, False, s.distill_weight),
     }
 
 
@@ -474,7 +476,12 @@ class Evaluator:
 
 
 def _train_config(
-    plan_epochs: int, budget_s: float, seed: int, anchor_lambda: float = 0.0, threads: int = THREADS
+    plan_epochs: int,
+    budget_s: float,
+    seed: int,
+    anchor_lambda: float = 0.0,
+    threads: int = THREADS,
+    distill_weight: float = 0.0,
 ):
     from agent.learner.manager import LearnerSettings
     from agent.learner.train import TrainConfig
@@ -488,6 +495,7 @@ def _train_config(
         threads=threads,
         time_budget_s=budget_s,
         anchor_lambda=anchor_lambda,
+        distill_weight=distill_weight,
     )
 
 
@@ -578,10 +586,16 @@ def run_online(
             tr_labels,
             cand,
             f"bench-{variant.name}-r{k}",
-            _train_config(plan.round_epochs, plan.round_budget_s, seed + k, variant.anchor_lambda),
+            _train_config(
+                plan.round_epochs,
+                plan.round_budget_s,
+                seed + k,
+                variant.anchor_lambda,
+                distill_weight=variant.distill_weight,
+            ),
             init_adapter=active,
             parent=active.name,
-            anchor_adapter=base_dir if variant.anchor_lambda > 0 else None,
+            anchor_adapter=base_dir if variant.anchor_lambda > 0 or variant.distill_weight > 0 else None,
             val=val,
         )
         older, recent = holdout_slices(holdout, new_holdout)
@@ -896,6 +910,7 @@ def measure_round_under_load(
         lr=s.lr,
         batch_size=s.batch_size,
         anchor_lambda=s.anchor_lambda,
+        distill_weight=s.distill_weight,
         time_budget_s=plan.round_budget_s * 2.5,  # a safety cap (1 thread at nice 10 is slower)
         threads=s.threads,
         nice=10,
@@ -1159,7 +1174,7 @@ def run(
             f"offline full FT: post-drift test {offline['acc_post_test']:.3f}, pre-drift test {offline['acc_pre_test']:.3f}"
         )
         if plan.ablations:
-            for name in ("no_replay", "no_lambda"):
+            for name in ("no_replay", "no_lambda", "no_distill"):
                 online[name] = run_online(bundle, labels, split, plan, ev, base_dir, vs[name], work, seed)
             if online["full"]["rejected_by_gate"]:
                 online["no_gate"] = run_online(
