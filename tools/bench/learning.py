@@ -23,7 +23,8 @@ Protocol (simulated by default, the same on ``--dataset CSV``):
   refused since the last promotion, as the daemon's ``_active_data_through_id``) plus a
   class-balanced replay of the older train rows (``replay_fraction`` 0.5, equal count per label,
   as ``round.read_training_set``), 10 % of that set for early stopping, and the ``anchor_lambda``
-  (1e-3) pull toward the pre-drift base adapter (the "fleet" anchor). The gate
+  (1e-3) pull toward the pre-drift base adapter (the "fleet" anchor) plus the distillation of that
+  anchor's predictions on the rows it gets right (``distill_weight`` 1.0, T 2). The gate
   (``policy.promotion_decision``, default ``GatePolicy``) compares candidate and active on the
   holdout split as ``round.read_holdout`` does (recent = the holdout rows newer than the active
   adapter's data; older = the rows before them, newest 4,000); the candidate is promoted or
@@ -52,7 +53,7 @@ Protocol (simulated by default, the same on ``--dataset CSV``):
   ``learner_peak_rss_mb`` = the child's own peak RSS (``VmHWM``); ``train_seconds_per_round`` = the child's
   training time (``*_in_process``: the median of the chunk rounds run in this process with 2 threads).
 * **Ablations**: the online part again without replay (``replay_fraction`` 0), without the lambda
-  term (0), and without the gate (always promote); when the full run's gate never refused, the
+  term (0), without distillation (``distill_weight`` 0), and without the gate (always promote); when the full run's gate never refused, the
   no-gate run is identical by construction and is not re-run.
 
 Time budgets in the full run are safety caps only (base 1,200 s, round 400 s, offline 1,500 s), so the
