@@ -11,6 +11,7 @@ candidate directory and result file, each renamed into place when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -231,14 +232,11 @@ def run_round(spec: RoundSpec) -> RoundResult:
 def _peak_rss_mb() -> float:
     """This process's own peak RSS. Not ``ru_maxrss``: Linux carries it across exec, so a spawned
     child would report its parent's RSS at fork time (the daemon's, or a benchmark's 1.7 GB)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    import resource  # not Linux: the best figure there is
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

@@ -161,22 +161,13 @@ def test_example_config_serves_mosquitto_clients(tmp_path, broker, tiny_bundle, 
     )
     spawn_agent(config).wait_ready()
     base = "edge/plant-a/line3-box1/"
+
+    def client(tool: str, *args: str) -> list[str]:
+        # The mosquitto command-line clients, as the README session uses them.
+        return [tool, "-V", "mqttv5", "-h", broker.host, "-p", str(broker.port), *args]
+
     sub = subprocess.Popen(
-        [
-            "mosquitto_sub",
-            "-V",
-            "mqttv5",
-            "-h",
-            broker.host,
-            "-p",
-            str(broker.port),
-            "-t",
-            base + "infer/res",
-            "-C",
-            "1",
-            "-W",
-            "30",
-        ],
+        client("mosquitto_sub", "-t", base + "infer/res", "-C", "1", "-W", "30"),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -185,21 +176,7 @@ def test_example_config_serves_mosquitto_clients(tmp_path, broker, tiny_bundle, 
     out = None
     for _ in range(20):
         subprocess.run(
-            [
-                "mosquitto_pub",
-                "-V",
-                "mqttv5",
-                "-h",
-                broker.host,
-                "-p",
-                str(broker.port),
-                "-q",
-                "1",
-                "-t",
-                base + "infer/req",
-                "-m",
-                json.dumps(request),
-            ],
+            client("mosquitto_pub", "-q", "1", "-t", base + "infer/req", "-m", json.dumps(request)),
             check=True,
             timeout=10,
         )
