@@ -40,7 +40,8 @@ integration: setup
 gpu: setup
 	$(BIN)/python -m pytest -q tests/gpu
 
-$(BUNDLE)/manifest.json: | setup
+# Rebuilt when the graph builder changes, so `make bench`/`make demo` measure the current graph.
+$(BUNDLE)/manifest.json: agent/build.py agent/lora_graph.py | setup
 	$(BIN)/edge-agent model build --out $(BUNDLE)
 
 bench: setup $(BUNDLE)/manifest.json

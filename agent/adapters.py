@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import BundleManifest
-from agent.lora_graph import HEAD_BIAS, HEAD_WEIGHT, lora_input_names
+from agent.bundle import BundleManifest, LoraTarget
+from agent.lora_graph import DENSE_TARGETS, HEAD_BIAS, HEAD_WEIGHT, QKV_BRANCH, lora_input_names
 
 WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -31,8 +31,19 @@ META = "edge_adapter.json"
 QKV_SLOT = {"query": 0, "key": 1, "value": 2}
 MAX_ADAPTER_BYTES = 64 << 20
 
+# Our target names -> the module path inside a BERT layer, as PEFT names the tensors.
+PEFT_MODULES: dict[str, str] = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attention_output": "attention.output.dense",
+    "intermediate": "intermediate.dense",
+    "output": "output.dense",
+}
+_TARGET_OF_MODULE = {m: t for t, m in PEFT_MODULES.items()}
+_MODULES = "|".join(re.escape(m) for m in PEFT_MODULES.values())
 _LORA_KEY = re.compile(
-    r"^base_model\.model\.bert\.encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.lora_([AB])\.weight$"
+    rf"^base_model\.model\.bert\.encoder\.layer\.(\d+)\.({_MODULES})\.lora_([AB])\.weight$"
 )
 _HEAD_KEY = re.compile(r"^base_model\.model\.classifier\.(weight|bias)$")
 
@@ -96,53 +107,53 @@ def read_adapter(adapter_dir: Path, bundle: BundleManifest) -> OrtAdapter:
     return OrtAdapter(meta, to_ort_arrays(tensors, bundle, scale, meta.labels or bundle.labels))
 
 
+def peft_target_modules(targets: list[LoraTarget]) -> str:
+    """PEFT ``target_modules`` for our target names: a regex PEFT matches against full module names.
+
+    A regex, not suffixes: the suffix "output.dense" would also match "attention.output.dense".
+    """
+    unknown = sorted(set(targets) - set(PEFT_MODULES))
+    if unknown or not targets:
+        raise ValueError(f"LoRA targets must be a non-empty subset of {list(PEFT_MODULES)}, got {targets}")
+    modules = "|".join(re.escape(PEFT_MODULES[t]) for t in targets)
+    return rf".*\.encoder\.layer\.\d+\.({modules})"
+
+
 def to_ort_arrays(
     tensors: dict[str, np.ndarray], bundle: BundleManifest, scale: float, labels: list[str]
 ) -> dict[str, np.ndarray]:
-    """PEFT tensors -> packed graph inputs: ``A_l = [A_q^T | A_v^T]``, ``B_l`` block rows in q|k|v columns.
+    """PEFT tensors -> graph inputs, with the LoRA scale folded into B (any alpha runs on one graph).
 
-    The LoRA scale is folded into B, so adapters with any alpha run on the same graph.
+    q/k/v are packed per layer: ``A = [A_q^T | A_v^T]`` and ``B`` block rows in q|k|v columns.
+    Each dense target is its own pair ``A^T``, ``B^T``. Targets the adapter does not train keep
+    the graph's empty default.
     """
     h, layers = bundle.hidden_size, bundle.num_layers
     lora: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     head: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         if (m := _LORA_KEY.match(key)) is not None:
-            layer, target, which = int(m.group(1)), m.group(2), m.group(3)
+            layer, target, which = int(m.group(1)), _TARGET_OF_MODULE[m.group(2)], m.group(3)
             if layer >= layers:
                 raise AdapterError(f"{key}: layer {layer} does not exist (the base has {layers})")
             lora.setdefault((layer, target), {})[which] = value
         elif (m := _HEAD_KEY.match(key)) is not None:
             head[m.group(1)] = value
         else:
-            raise AdapterError(f"unexpected tensor {key!r}: not a LoRA factor of query/key/value or the head")
+            raise AdapterError(
+                f"unexpected tensor {key!r}: not a LoRA factor of a layer projection or the head"
+            )
     if not lora:
         raise AdapterError("adapter has no LoRA tensors")
-    targets = sorted({t for _, t in lora}, key=QKV_SLOT.__getitem__)
     out: dict[str, np.ndarray] = {}
+    trained = {t for _, t in lora}
+    qkv = sorted(trained & set(QKV_SLOT), key=QKV_SLOT.__getitem__)
     for layer in range(layers):
-        a_blocks, b_rows = [], []
-        for target in targets:
-            pair = lora.get((layer, target), {})
-            if set(pair) != {"A", "B"}:
-                raise AdapterError(f"layer {layer} {target}: lora_A and lora_B must both be present")
-            a, b = (
-                _checked(pair["A"], f"layer {layer} {target} lora_A"),
-                _checked(pair["B"], f"layer {layer} {target} lora_B"),
-            )
-            r = a.shape[0]
-            if a.shape != (r, h) or b.shape != (h, r):
-                raise AdapterError(
-                    f"layer {layer} {target}: shapes A{a.shape} B{b.shape}, expected A({r}, {h}) B({h}, {r})"
-                )
-            a_blocks.append(a.T)
-            row = np.zeros((r, 3 * h), np.float32)
-            slot = QKV_SLOT[target]
-            row[:, slot * h : (slot + 1) * h] = b.T * scale
-            b_rows.append(row)
-        a_name, b_name = lora_input_names(layer)
-        out[a_name] = np.ascontiguousarray(np.concatenate(a_blocks, axis=1), dtype=np.float32)
-        out[b_name] = np.ascontiguousarray(np.concatenate(b_rows, axis=0), dtype=np.float32)
+        if qkv:
+            out.update(_packed_qkv(lora, layer, qkv, bundle, scale))
+        for target in DENSE_TARGETS:
+            if target in trained:
+                out.update(_dense(lora, layer, target, bundle, scale))
     if head:
         if set(head) != {"weight", "bias"}:
             raise AdapterError("classifier head needs both weight and bias")
@@ -155,6 +166,67 @@ def to_ort_arrays(
     elif labels != bundle.labels:
         raise AdapterError("adapter declares its own labels but carries no classifier head")
     return out
+
+
+def _factor_pair(
+    lora: dict[tuple[int, str], dict[str, np.ndarray]], layer: int, target: str, n_in: int, n_out: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's ``lora_A`` [r, n_in] and ``lora_B`` [n_out, r] of one target, checked."""
+    pair = lora.get((layer, target), {})
+    if set(pair) != {"A", "B"}:
+        raise AdapterError(f"layer {layer} {target}: lora_A and lora_B must both be present")
+    a = _checked(pair["A"], f"layer {layer} {target} lora_A")
+    b = _checked(pair["B"], f"layer {layer} {target} lora_B")
+    r = a.shape[0]
+    if a.shape != (r, n_in) or b.shape != (n_out, r):
+        raise AdapterError(
+            f"layer {layer} {target}: shapes A{a.shape} B{b.shape}, expected A({r}, {n_in}) B({n_out}, {r})"
+        )
+    return a, b
+
+
+def _branch_inputs(bundle: BundleManifest, layer: int, branch: str) -> tuple[str, str]:
+    names = lora_input_names(layer, branch)
+    # Bundles list their graph's LoRA inputs; one built before the dense branches existed has
+    # only the packed q/k/v ones (the packed branch is in every bundle's graph).
+    listed = bundle.lora.graph_inputs
+    if (branch != QKV_BRANCH or listed) and not all(n in listed for n in names):
+        raise AdapterError(
+            f"adapter trains {branch}, but this bundle's graph has no LoRA branch for it: rebuild the "
+            "bundle (`edge-agent model build`) or train with the bundle's own targets"
+        )
+    return names
+
+
+def _packed_qkv(
+    lora, layer: int, targets: list[str], bundle: BundleManifest, scale: float
+) -> dict[str, np.ndarray]:
+    h = bundle.hidden_size
+    a_blocks, b_rows = [], []
+    for target in targets:
+        a, b = _factor_pair(lora, layer, target, h, h)
+        a_blocks.append(a.T)
+        row = np.zeros((a.shape[0], 3 * h), np.float32)
+        slot = QKV_SLOT[target]
+        row[:, slot * h : (slot + 1) * h] = b.T * scale
+        b_rows.append(row)
+    a_name, b_name = _branch_inputs(bundle, layer, QKV_BRANCH)
+    return {
+        a_name: np.ascontiguousarray(np.concatenate(a_blocks, axis=1), dtype=np.float32),
+        b_name: np.ascontiguousarray(np.concatenate(b_rows, axis=0), dtype=np.float32),
+    }
+
+
+def _dense(lora, layer: int, target: str, bundle: BundleManifest, scale: float) -> dict[str, np.ndarray]:
+    a_name, b_name = _branch_inputs(bundle, layer, target)
+    n_in, n_out = bundle.lora.graph_inputs[a_name][0], bundle.lora.graph_inputs[b_name][1]
+    if not isinstance(n_in, int) or not isinstance(n_out, int):
+        raise AdapterError(f"bundle manifest: {a_name}/{b_name} shapes are not fixed sizes")
+    a, b = _factor_pair(lora, layer, target, n_in, n_out)
+    return {
+        a_name: np.ascontiguousarray(a.T, dtype=np.float32),
+        b_name: np.ascontiguousarray(b.T * scale, dtype=np.float32),
+    }
 
 
 def _checked(value: np.ndarray, what: str) -> np.ndarray:

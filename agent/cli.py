@@ -74,6 +74,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agent.bundle import ALL_LORA_TARGETS
+
     p = argparse.ArgumentParser(prog="edge-agent", description="Edge learning agent for factory boxes")
     # None: `run` takes the level from its config file.
     p.add_argument("--log-level", default=os.environ.get("EDGE_AGENT_LOG_LEVEL"))
@@ -90,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--labels", help="JSON label set (default: models/plant-faults.json)")
     b.add_argument("--rank", type=int, default=8)
     b.add_argument("--alpha", type=int, default=16)
-    b.add_argument("--targets", default="query,value", help="comma list of query,key,value")
+    b.add_argument(
+        "--targets",
+        default=",".join(ALL_LORA_TARGETS),
+        help="comma list of the projections the learner trains: " + ",".join(ALL_LORA_TARGETS),
+    )
     b.add_argument("--precisions", default="fp32,int8,fp16")
     b.add_argument("--max-length", type=int, default=128)
     b.set_defaults(func=_cmd_model_build)

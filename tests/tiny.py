@@ -58,14 +58,27 @@ def make_tiny_bert(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def make_random_adapter(bundle_dir: Path, out: Path, seed: int, version: str, b_std: float = 0.5) -> Path:
-    """A peft adapter with non-zero B and a perturbed head, so it visibly changes the output."""
+def make_random_adapter(
+    bundle_dir: Path,
+    out: Path,
+    seed: int,
+    version: str,
+    b_std: float = 0.5,
+    head_std: float = 0.5,
+    targets: list[str] | None = None,
+) -> Path:
+    """A peft adapter with non-zero B and a perturbed head, so it visibly changes the output.
+
+    ``targets``: train only these projections instead of the bundle's LoRA targets.
+    """
     import torch
 
     from agent.bundle import load_manifest
     from agent.learner.model import new_peft_model, save_peft_adapter
 
     manifest = load_manifest(bundle_dir)
+    if targets is not None:
+        manifest = manifest.model_copy(update={"lora": manifest.lora.model_copy(update={"targets": targets})})
     model = new_peft_model(bundle_dir, manifest)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -73,6 +86,6 @@ def make_random_adapter(bundle_dir: Path, out: Path, seed: int, version: str, b_
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * b_std)
             elif "modules_to_save" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+                p.add_(torch.randn(p.shape, generator=gen) * head_std)
     save_peft_adapter(model, out, manifest, version)
     return out

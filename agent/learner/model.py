@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from agent.adapters import AdapterMeta, write_meta
+from agent.adapters import AdapterMeta, peft_target_modules, write_meta
 from agent.bundle import BASE_WEIGHTS, BundleManifest, load_manifest
 from agent.durable import staged_dir
 
@@ -45,7 +45,7 @@ def new_peft_model(
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
-        target_modules=list(spec.targets),
+        target_modules=peft_target_modules(spec.targets),
         lora_dropout=0.0,
         task_type="SEQ_CLS",
         bias="none",

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 DEFAULT_THREADS = 2
@@ -283,6 +284,23 @@ def ort_int8_gemm_peak_gops(n: int = 2048, runs: int = 7, threads: int = DEFAULT
 
 
 # ---- output ---------------------------------------------------------------------------------------
+def ensure_bundle(bundle: Path) -> Path:
+    """The benchmarks' bundle: built (offline, default model) when missing; a stale one is named."""
+    from agent.bundle import MANIFEST, load_manifest
+
+    if not (bundle / MANIFEST).is_file():
+        from agent.build import build_bundle
+
+        log(f"bundle {bundle} missing: building it")
+        build_bundle(bundle)
+    elif "lora.0.intermediate.A" not in load_manifest(bundle).lora.graph_inputs:
+        log(
+            f"bundle {bundle} was built before the dense LoRA branches (query/value only): it measures the "
+            f"old graph; `edge-agent model build --out {bundle}` rebuilds it"
+        )
+    return bundle
+
+
 def jsonable(obj: Any) -> Any:
     """Plain JSON types: numpy scalars/arrays to Python, NaN/Inf to None, tuples/sets to lists, keys to str."""
     if isinstance(obj, dict):

@@ -156,17 +156,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ---- set-up -----------------------------------------------------------------------------------------
-def _ensure_bundle(bundle: Path) -> Path:
-    from agent.bundle import MANIFEST
-
-    if not (bundle / MANIFEST).is_file():
-        from agent.build import build_bundle
-
-        log(f"bundle {bundle} missing: building it")
-        build_bundle(bundle)
-    return bundle
-
-
 def _train_adapters(bundle: Path, work: Path, plan: Plan, seed: int) -> tuple[Path, Path, dict[str, Any]]:
     from agent.adapters import META
     from agent.learner.train import TrainConfig, train_adapter
@@ -633,7 +622,7 @@ def run(bundle: Path, plan: Plan, seed: int = 0) -> tuple[dict[str, Any], dict[s
     common.limit_threads(THREADS)
     t_start = time.perf_counter()
     machine = common.machine_info(THREADS)
-    bundle = _ensure_bundle(Path(bundle))
+    bundle = common.ensure_bundle(Path(bundle))
     manifest = load_manifest(bundle)
     gemm_samples = [_gemm(plan, "start")]
     work = Path(tempfile.mkdtemp(prefix="bench-inference-"))

@@ -318,9 +318,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from agent.bundle import load_manifest
     from tests.integration.conftest import BASE, AgentProcess, write_agent_config
     from tests.integration.mosquitto import Mosquitto
-    from tools.bench.inference import _ensure_bundle
 
-    bundle = _ensure_bundle(args.bundle).resolve()
+    bundle = common.ensure_bundle(args.bundle).resolve()
     labels = list(load_manifest(bundle).labels)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1098,22 +1098,11 @@ def _ablation_row(
 
 
 # ---- main -----------------------------------------------------------------------------------------
-def _ensure_bundle(bundle: Path) -> Path:
-    from agent.bundle import MANIFEST
-
-    if not (bundle / MANIFEST).is_file():
-        from agent.build import build_bundle
-
-        log(f"bundle {bundle} missing: building it")
-        build_bundle(bundle)
-    return bundle
-
-
 def _bundle_for(bundle: Path, labels: list[str], work: Path) -> tuple[Path, bool]:
     """The given bundle when it knows every label, else one built for ``labels`` in ``work``."""
     from agent.bundle import load_manifest
 
-    bundle = _ensure_bundle(bundle)
+    bundle = common.ensure_bundle(bundle)
     known = set(load_manifest(bundle).labels)
     if set(labels) <= known:
         return bundle, False
