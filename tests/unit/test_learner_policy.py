@@ -87,6 +87,19 @@ def test_gate_ignores_classes_too_small_to_judge():
     assert p.promotion_decision(cand, active, pol).promote
 
 
+def test_gate_tolerates_one_row_on_a_small_slice_but_not_two():
+    pol = p.GatePolicy(epsilon=0.02)
+    active = {"older": rep(0.90, {}, n=300), "recent": rep(17 / 19, {}, n=19)}
+    one_row = {"older": rep(0.90, {}, n=300), "recent": rep(16 / 19, {}, n=19)}
+    assert p.promotion_decision(one_row, active, pol).promote
+    two_rows = {"older": rep(0.90, {}, n=300), "recent": rep(15 / 19, {}, n=19)}
+    d = p.promotion_decision(two_rows, active, pol)
+    assert not d.promote and d.reasons == ["recent: accuracy 0.789 < active 0.895 - 0.053"]
+    # On a large slice epsilon, not one row, is the budget.
+    forgets = {"older": rep(0.87, {}, n=300), "recent": rep(17 / 19, {}, n=19)}
+    assert not p.promotion_decision(forgets, active, pol).promote
+
+
 def test_evaluate_counts_per_class():
     r = p.evaluate(["a", "b", "a", "a"], ["a", "b", "b", "a"])
     assert (
