@@ -178,7 +178,8 @@ def _add_dense_branches(
             )
         return found[0]
 
-    branches: dict[str, list[onnx.NodeProto]] = {}  # MatMul name -> nodes to insert after it
+    # Keyed by the MatMul's (renamed) output: node names may be empty, tensor names are unique.
+    branches: dict[str, list[onnx.NodeProto]] = {}
     lora_nodes: list[str] = []
     for layer, attn_core in enumerate(mha_outputs):
         attn_out = next_node(attn_core, ("MatMul",), f"layer {layer} attention output")
@@ -191,7 +192,7 @@ def _add_dense_branches(
             a_name, b_name = _add_factor_inputs(g, lora_inputs, layer, target, n_in, n_out)
             p, y = f"layer{layer}.{target}", mm.output[0]
             mm.output[0] = f"{p}.base"
-            branches[mm.name] = [
+            branches[mm.output[0]] = [
                 helper.make_node("MatMul", [mm.input[0], a_name], [f"{p}.xa"], name=f"{p}.lora_a"),
                 helper.make_node("MatMul", [f"{p}.xa", b_name], [f"{p}.xab"], name=f"{p}.lora_b"),
                 helper.make_node("Add", [f"{p}.base", f"{p}.xab"], [y], name=f"{p}.lora_add"),
@@ -201,7 +202,7 @@ def _add_dense_branches(
     nodes: list[onnx.NodeProto] = []
     for n in g.node:
         nodes.append(n)
-        nodes.extend(branches.get(n.name, []))
+        nodes.extend(branches.get(n.output[0], []) if n.output else [])
     del g.node[:]
     g.node.extend(nodes)
     return lora_nodes

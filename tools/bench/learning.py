@@ -47,7 +47,7 @@ Protocol (simulated by default, the same on ``--dataset CSV``):
 * **Resources**: the serving engine (fp32, 2 intra-op threads, cache off so every request runs) gets
   a paced client (batch 1, 20 req/s, drifted texts) while idle, then while a real learner round
   (``round.run_round_process`` on a SQLite copy of the data: pre-drift rows stored, chunk 0 new)
-  runs in a spawned child at nice 10 with 1 torch thread (as the daemon runs it, with the pause file
+  runs in a spawned child at SCHED_IDLE + nice 10 with 1 torch thread (as the daemon runs it, with the pause file
   driven by the engine's queue depth once a second like ``LearnerManager.tick``), then idle again.
   ``infer_p99_ratio_training`` = p99 during the round / p99 idle (both idle windows).
   ``learner_peak_rss_mb`` = the child's own peak RSS (``VmHWM``); ``train_seconds_per_round`` = the child's
@@ -912,7 +912,7 @@ def measure_round_under_load(
         batch_size=s.batch_size,
         anchor_lambda=s.anchor_lambda,
         distill_weight=s.distill_weight,
-        time_budget_s=plan.round_budget_s * 2.5,  # a safety cap (1 thread at nice 10 is slower)
+        time_budget_s=plan.round_budget_s * 2.5,  # a safety cap (1 thread at idle priority is slower)
         threads=s.threads,
         nice=10,
         seed=seed,
@@ -924,7 +924,7 @@ def measure_round_under_load(
     texts = [r.text for c in split.chunks for r in c]
     client = PacedClient(engine, texts, plan.latency_rate_hz)
     log(
-        f"latency: idle {plan.latency_idle_s:.0f}s, then a learner round in a spawned child (nice 10, "
+        f"latency: idle {plan.latency_idle_s:.0f}s, then a learner round in a spawned child (SCHED_IDLE, nice 10, "
         f"{s.threads} thread), then idle {plan.latency_idle_s:.0f}s; client {plan.latency_rate_hz:.0f} req/s, batch 1"
     )
     client.start()
