@@ -244,9 +244,10 @@ def _peak_rss_mb() -> float:
 def _lower_priority(nice: int) -> None:
     """Run only on CPU time inference leaves over: SCHED_IDLE where Linux offers it, plus ``nice``.
 
-    nice 10 alone still took a time slice from inference threads: on a 2-core VM the inference
-    p99 during a round was 2.3x idle with nice 10 (the learning benchmark); a SCHED_IDLE task is
-    preempted as soon as a normal task wakes. Unprivileged processes may lower themselves to it.
+    Under a saturated CPU nice 10 still gets ~10 % of a core from inference; SCHED_IDLE gets none
+    while a normal task wants it. What it does not fix (measured, README): on a 2-core box the
+    engine's 2-thread ONNX Runtime pool shares a core with the learner, and batch-1 p99 during a
+    round rose 1.8x; with ``engine.intra_op_threads = 1`` it rose 1.1x.
     """
     os.nice(nice)
     if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):

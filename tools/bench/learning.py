@@ -1197,6 +1197,7 @@ def run(
     split: Split,
     seed: int = 0,
     repeat_seeds: Sequence[int] = (),
+    engine_threads: int = THREADS,
 ) -> dict[str, Any]:
     common.limit_threads(THREADS)
     from agent.bundle import load_manifest
@@ -1221,7 +1222,7 @@ def run(
         common.limit_threads(THREADS)
         engine = InferenceEngine.open(
             bundle,
-            EngineConfig(precision="fp32", provider="cpu", cache_size=0, intra_op_threads=THREADS),
+            EngineConfig(precision="fp32", provider="cpu", cache_size=0, intra_op_threads=engine_threads),
             work_dir=work / "engine",
         )
         ev = Evaluator(engine)
@@ -1313,7 +1314,11 @@ def run(
         "plan": asdict(plan),
         "quick": plan.is_quick,
         "seed": seed,
-        "engine": {"precision": engine_stats.get("precision"), "provider": engine_stats.get("provider")},
+        "engine": {
+            "precision": engine_stats.get("precision"),
+            "provider": engine_stats.get("provider"),
+            "intra_op_threads": engine_threads,
+        },
         "machine": machine,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -1341,6 +1346,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1-2 epochs (~2 minutes)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--engine-threads",
+        type=int,
+        default=THREADS,
+        help="intra-op threads of the serving engine (latency beside a round, evaluation); default 2",
+    )
     p.add_argument(
         "--extra-seeds",
         type=int,
@@ -1377,7 +1388,8 @@ def main(argv: list[str] | None = None) -> int:
         split = simulated_split(plan, args.seed)
     extra = args.extra_seeds if args.extra_seeds is not None else (0 if args.quick else 2)
     extra = 0 if args.dataset is not None else extra
-    result = run(args.bundle, plan, split, args.seed, [args.seed + 1 + i for i in range(extra)])
+    seeds = [args.seed + 1 + i for i in range(extra)]
+    result = run(args.bundle, plan, split, args.seed, seeds, args.engine_threads)
     print(report(result), flush=True)
     if args.json:
         common.print_json_line(result)
