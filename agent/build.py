@@ -147,7 +147,9 @@ def build_bundle(
             )
 
         fused = _fuse(plain, heads, hidden)
-        info = lora_graph.add_lora_and_head_inputs(fused, hidden, layers)
+        # Only the dense projections the learner trains get a branch: a q/v bundle stays lean.
+        dense = [t for t in lora_graph.DENSE_TARGETS if t in lora.targets]
+        info = lora_graph.add_lora_and_head_inputs(fused, hidden, layers, dense)
         lora_graph.drop_initializer_value_info(fused)
         onnx.checker.check_model(fused)
         files: dict[str, PrecisionFile] = {}

@@ -30,6 +30,7 @@ memory planner may treat equally named dimensions as equal sizes, and the ranks 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,8 +74,15 @@ def _attr(node: onnx.NodeProto, name: str) -> int:
     raise GraphSurgeryError(f"{node.name}: attribute {name} missing")
 
 
-def add_lora_and_head_inputs(model: onnx.ModelProto, hidden_size: int, num_layers: int) -> LoraGraphInfo:
-    """Rewrite a fused BERT graph in place: LoRA branch per layer, overridable head, pooled output."""
+def add_lora_and_head_inputs(
+    model: onnx.ModelProto, hidden_size: int, num_layers: int, dense_targets: Sequence[str] = DENSE_TARGETS
+) -> LoraGraphInfo:
+    """Rewrite a fused BERT graph in place: LoRA branches per layer, overridable head, pooled output.
+
+    The packed q/k/v branch is always there (splitting the fused attention needs it anyway);
+    ``dense_targets`` chooses which dense projections get one: each costs three small nodes per
+    layer, which shows at batch 1 (LoRA overhead in the README's figures).
+    """
     g = model.graph
     attention = [n for n in g.node if n.op_type == "Attention"]
     if len(attention) != num_layers:
@@ -128,7 +136,11 @@ def add_lora_and_head_inputs(model: onnx.ModelProto, hidden_size: int, num_layer
         layer += 1
     del g.node[:]
     g.node.extend(new_nodes)
-    lora_nodes += _add_dense_branches(g, mha_outputs, lora_inputs)
+    unknown = set(dense_targets) - set(DENSE_TARGETS)
+    if unknown:
+        raise GraphSurgeryError(f"unknown dense LoRA targets {sorted(unknown)}; known: {list(DENSE_TARGETS)}")
+    if dense_targets:
+        lora_nodes += _add_dense_branches(g, mha_outputs, lora_inputs, dense_targets)
     head = _make_head_overridable(model, h)
     return LoraGraphInfo(num_layers, h, lora_inputs, lora_nodes, head)
 
@@ -154,7 +166,10 @@ def _add_factor_inputs(
 
 
 def _add_dense_branches(
-    g: onnx.GraphProto, mha_outputs: list[str], lora_inputs: dict[str, list[int | str]]
+    g: onnx.GraphProto,
+    mha_outputs: list[str],
+    lora_inputs: dict[str, list[int | str]],
+    targets: Sequence[str],
 ) -> list[str]:
     """A LoRA branch on each layer's attention-output, FFN-in and FFN-out ``MatMul``.
 
@@ -188,6 +203,8 @@ def _add_dense_branches(
         act = next_node(ffn_in.output[0], ("BiasGelu", "Gelu", "FastGelu"), f"layer {layer} FFN activation")
         ffn_out = next_node(act.output[0], ("MatMul",), f"layer {layer} FFN out")
         for target, mm in zip(DENSE_TARGETS, (attn_out, ffn_in, ffn_out), strict=True):
+            if target not in targets:
+                continue
             n_in, n_out = (int(d) for d in inits[mm.input[1]].dims)
             a_name, b_name = _add_factor_inputs(g, lora_inputs, layer, target, n_in, n_out)
             p, y = f"layer{layer}.{target}", mm.output[0]

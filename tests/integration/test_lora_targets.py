@@ -49,13 +49,30 @@ def test_single_target_adapter_matches_torch_peft(tiny_bundle, fp32_engine, tmp_
     assert np.abs(adapted - base).max() > 1e-3
 
 
-def test_dense_target_refused_on_a_bundle_without_its_branch(tiny_bundle, tmp_path):
-    # A bundle built before the dense branches existed lists only the packed q/k/v inputs.
-    manifest = load_manifest(tiny_bundle)
-    qkv_only = {k: v for k, v in manifest.lora.graph_inputs.items() if ".qkv." in k}
-    old = manifest.model_copy(update={"lora": manifest.lora.model_copy(update={"graph_inputs": qkv_only})})
-    adapter = make_random_adapter(tiny_bundle, tmp_path / "ffn", 4, "ffn", targets=["intermediate"])
+def test_query_value_bundle_has_no_dense_branches_and_refuses_dense_adapters(tiny_bundle, tmp_path):
+    from agent.build import build_bundle
+    from agent.bundle import LoraSpec
+    from tests.tiny import TINY_LABELS
+
+    qv_bundle = tmp_path / "qv-bundle"
+    build_bundle(
+        qv_bundle,
+        model_path=tiny_bundle.parent / "hf-model",
+        labels=TINY_LABELS,
+        lora=LoraSpec(targets=["query", "value"]),
+        precisions=("fp32",),
+    )
+    manifest = load_manifest(qv_bundle)
+    assert manifest.base_hash == load_manifest(tiny_bundle).base_hash
+    assert {k.split(".")[2] for k in manifest.lora.graph_inputs} == {"qkv"}
+    # An adapter trained for every projection (on the default bundle, same base) is refused here.
+    dense = make_random_adapter(tiny_bundle, tmp_path / "ffn", 4, "ffn", targets=["intermediate"])
     with pytest.raises(AdapterError, match="trains intermediate, but .* no LoRA branch"):
-        read_adapter(adapter, old)
-    qv = make_random_adapter(tiny_bundle, tmp_path / "qv", 5, "qv", targets=["query", "value"])
-    assert set(read_adapter(qv, old).arrays) >= {"lora.0.qkv.A", "lora.0.qkv.B"}
+        read_adapter(dense, manifest)
+    # A query/value adapter runs on it like on the default bundle.
+    qv = make_random_adapter(qv_bundle, tmp_path / "qv", 5, "qv")
+    with InferenceEngine.open(qv_bundle, EngineConfig(precision="fp32", provider="cpu")) as engine:
+        ids, mask = engine.tokenize(TEXTS)
+        base = engine.run_padded(ids, mask)
+        engine.activate_adapter(qv)
+        assert np.abs(engine.run_padded(ids, mask) - base).max() > 1e-3
