@@ -8,7 +8,7 @@ import pytest
 from agent.adapters import AdapterError, read_adapter
 from agent.bundle import ALL_LORA_TARGETS, load_manifest
 from agent.engine import EngineConfig, InferenceEngine
-from tests.integration.test_engine_parity import TEXTS, _torch_logits
+from tests.integration.test_engine_parity import TEXTS, assert_adapter_matches_peft
 from tests.tiny import make_random_adapter
 
 
@@ -29,24 +29,12 @@ def test_default_bundle_has_a_branch_for_every_target(tiny_bundle):
 
 @pytest.mark.parametrize("target", ALL_LORA_TARGETS)
 def test_single_target_adapter_matches_torch_peft(tiny_bundle, fp32_engine, tmp_path, target):
-    from peft import PeftModel
-
-    from agent.learner.model import load_base_model
-
     # Head left as built, so any change in the output comes from this one branch.
     adapter = make_random_adapter(tiny_bundle, tmp_path / target, 3, target, head_std=0.0, targets=[target])
     converted = read_adapter(adapter, load_manifest(tiny_bundle)).arrays
     branch = target if target not in ("query", "key", "value") else "qkv"
     assert {k.split(".")[2] for k in converted if k.startswith("lora.")} == {branch}
-
-    peft_model = PeftModel.from_pretrained(load_base_model(tiny_bundle), str(adapter)).eval()
-    ids, mask, ref = _torch_logits(peft_model, fp32_engine, TEXTS)
-    fp32_engine.deactivate_adapter()
-    base = fp32_engine.run_padded(ids, mask)
-    fp32_engine.activate_adapter(adapter)
-    adapted = fp32_engine.run_padded(ids, mask)
-    assert np.abs(adapted - ref).max() <= 1e-4
-    assert np.abs(adapted - base).max() > 1e-3
+    assert_adapter_matches_peft(tiny_bundle, fp32_engine, adapter, min_change=1e-3)
 
 
 def test_query_value_bundle_has_no_dense_branches_and_refuses_dense_adapters(tiny_bundle, tmp_path):
