@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,14 +25,7 @@ TOKENIZER_JSON = "tokenizer/tokenizer.json"
 Precision = Literal["fp32", "int8", "fp16"]
 # Projections of a BERT layer that can carry a LoRA branch (``agent.lora_graph``).
 LoraTarget = Literal["query", "key", "value", "attention_output", "intermediate", "output"]
-ALL_LORA_TARGETS: tuple[LoraTarget, ...] = (
-    "query",
-    "key",
-    "value",
-    "attention_output",
-    "intermediate",
-    "output",
-)
+ALL_LORA_TARGETS: tuple[LoraTarget, ...] = get_args(LoraTarget)
 
 
 class BundleError(ValueError):

@@ -87,12 +87,13 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(Path(bundle_dir) / "tokenizer")
     model = new_peft_model(bundle_dir, manifest, init_adapter)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    teacher = None
-    if config.anchor_lambda > 0 or config.distill_weight > 0:
-        teacher = _anchor_model(bundle_dir, manifest, anchor_adapter, model)
-    anchor = _anchor_tensors(teacher, trainable) if config.anchor_lambda > 0 else {}
-    if config.distill_weight <= 0:
-        teacher = None
+    # A frozen anchor model only where something reads it: distillation, or theta* of a given
+    # adapter. Without an adapter theta* is the starting point, read off the model itself.
+    anchor_model = None
+    if config.distill_weight > 0 or (config.anchor_lambda > 0 and anchor_adapter is not None):
+        anchor_model = _anchor_model(bundle_dir, manifest, anchor_adapter, model)
+    anchor = _anchor_tensors(anchor_model or model, trainable) if config.anchor_lambda > 0 else {}
+    teacher = anchor_model if config.distill_weight > 0 else None
     opt = torch.optim.AdamW(list(trainable.values()), lr=config.lr)
     y_all = np.array([index[lab] for lab in labels])
     rng = np.random.default_rng(config.seed)
@@ -204,7 +205,7 @@ def _anchor_model(bundle_dir: Path, manifest, anchor_adapter: Path | None, model
 
 
 def _anchor_tensors(anchor_model, trainable: dict) -> dict:
-    """theta*: the anchor's values for every trainable tensor."""
+    """theta*: the anchor's values for every trainable tensor, copied."""
     import torch
 
     values = dict(anchor_model.named_parameters())
