@@ -1,4 +1,10 @@
-"""A real mosquitto for tests: its own config, port, persistence file and log, in a temp directory.
+"""A real mosquitto for tests: the shipped ``examples/mosquitto.conf`` with its own port,
+persistence directory and log, in a temp directory.
+
+Every broker a test, the demo or a benchmark starts runs the settings the project ships (queue
+limits, persistence, packet size): only the site's lines (``listener``, ``persistence_location``,
+``log_dest``, ``user``) are replaced. ``settings`` changes or removes single settings (``None``:
+mosquitto's default), so a test can run the broker a user would have without the shipped file.
 
 Never the system broker on 1883. ``restart()`` is a graceful restart (mosquitto saves its
 persistence file on SIGTERM, so queued messages and sessions survive it); ``kill()`` is kill -9.
@@ -15,9 +21,49 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+SHIPPED_CONF = Path(__file__).resolve().parents[2] / "examples" / "mosquitto.conf"
+# The shipped file's lines that belong to a site, not to what edge-agent relies on: replaced here.
+SITE_KEYS = frozenset({"listener", "persistence_location", "log_dest", "user"})
+
+
+def conf_keys(text: str) -> set[str]:
+    """The option names set in a mosquitto config text (comments and blank lines skipped)."""
+    return {
+        line.split()[0] for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    }
+
+
+def derive_conf(
+    shipped: str, site: str, settings: Mapping[str, str | None] | None = None, extra_conf: str = ""
+) -> str:
+    """``shipped`` with its site lines, the keys of ``settings`` and those ``extra_conf`` sets taken out;
+    then the other settings (a value replaces, ``None`` leaves mosquitto's default), ``site`` (which
+    ends with the listener) and ``extra_conf`` (listener options such as TLS files apply to it)."""
+    settings = dict(settings or {})
+    unknown = {key for key, value in settings.items() if value is None} - conf_keys(shipped)
+    assert not unknown, f"not in the shipped config, nothing to remove: {sorted(unknown)}"
+    drop = SITE_KEYS | conf_keys(site) | set(settings) | conf_keys(extra_conf)
+    kept = [
+        line
+        for line in shipped.splitlines()
+        if not (line.strip() and not line.lstrip().startswith("#") and line.split()[0] in drop)
+    ]
+    changed = [f"{key} {value}" for key, value in settings.items() if value is not None]
+    return "\n".join(
+        [
+            *kept,
+            "# ---- test broker: changed settings",
+            *changed,
+            "# ---- test broker: site",
+            site,
+            extra_conf,
+            "",
+        ]
+    )
 
 
 def make_tls_files(directory: Path, host: str = "127.0.0.1") -> dict[str, Path]:
@@ -92,7 +138,16 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = ""):
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        extra_conf: str = "",
+        *,
+        settings: Mapping[str, str | None] | None = None,
+        conf: Path = SHIPPED_CONF,
+    ):
+        """``settings``: options of ``conf`` to change (a value) or remove (``None``: mosquitto's default)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
@@ -100,30 +155,21 @@ class Mosquitto:
         self.conf_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
         self.extra_conf = extra_conf
+        self.settings = dict(settings or {})
+        self.base_conf = conf
         self.proc: subprocess.Popen | None = None
         self.tls_ca: Path | None = None
 
     def write_conf(self) -> None:
+        site = (
+            f"persistence_location {self.workdir}/\n"
+            f"log_dest file {self.log_path}\n"
+            # mosquitto started as root switches to this user; it must write the temp directory.
+            f"user {getpass.getuser()}\n"
+            f"listener {self.port} {self.host}"
+        )
         self.conf_path.write_text(
-            f"""\
-listener {self.port} {self.host}
-persistence true
-persistence_location {self.workdir}/
-# Save often, so a kill -9 of the broker loses at most a second of its state.
-autosave_interval 1
-# Sessions of offline clients keep every queued message (the default drops beyond 1000).
-max_queued_messages 0
-max_inflight_messages 0
-set_tcp_nodelay true
-log_dest file {self.log_path}
-log_type error
-log_type warning
-log_type notice
-log_type information
-connection_messages true
-user {getpass.getuser()}
-{self.extra_conf or "allow_anonymous true"}
-"""
+            derive_conf(self.base_conf.read_text(), site, self.settings, self.extra_conf)
         )
 
     @classmethod
