@@ -1,0 +1,111 @@
+"""The runtime config in each service's own terms, and how the engine is opened.
+
+Pure translations: the services (engine, learner, store) take their own settings objects and
+know nothing of the config tree; this module is where the two meet.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+from agent.config import BootstrapConfig, RuntimeConfig
+from agent.learner import policy as learner_policy
+from agent.learner.manager import LearnerSettings
+from agent.store import RetentionLimits
+
+
+class EngineLike(Protocol):
+    """What the daemon uses of ``agent.engine.InferenceEngine`` (injected, so tests can choose)."""
+
+    @property
+    def labels(self) -> list[str]: ...
+
+    @property
+    def adapter_version(self) -> str | None: ...
+
+    def submit(self, texts: list[str]) -> Future: ...
+
+    def stats(self) -> dict: ...
+
+    def apply_config(self, config: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def engine_config(boot: BootstrapConfig, runtime: RuntimeConfig) -> Any:
+    from agent.engine import EngineConfig
+
+    inf = runtime.inference
+    return EngineConfig(
+        max_batch=inf.max_batch,
+        max_batch_tokens=inf.max_batch_tokens,
+        max_wait_ms=inf.max_wait_ms,
+        top_k=inf.top_k,
+        cache_size=inf.cache_size,
+        intra_op_threads=boot.engine.intra_op_threads,
+        precision=boot.engine.precision,
+        provider=boot.engine.provider,
+    )
+
+
+def open_engine(
+    boot: BootstrapConfig, runtime: RuntimeConfig, calibration_texts: list[str] | None = None
+) -> EngineLike:
+    from agent.engine import InferenceEngine
+
+    return InferenceEngine.open(
+        boot.bundle,
+        engine_config(boot, runtime),
+        adapter_dir=boot.engine.adapter_dir,
+        work_dir=boot.data_dir / "engine",
+        calibration_texts=calibration_texts,
+    )
+
+
+def learner_settings(runtime: RuntimeConfig) -> LearnerSettings:
+    """The runtime config's learning section in the learner's own terms."""
+    ls = runtime.learning
+    return LearnerSettings(
+        enabled=ls.enabled,
+        triggers=learner_policy.TriggerPolicy(
+            min_new_samples=ls.min_new_samples,
+            accuracy_drop=ls.accuracy_drop,
+            drift_enabled=ls.drift.enabled,
+            drift_threshold=ls.drift.threshold,
+        ),
+        limits=learner_policy.ResourceLimits(
+            max_cpu_percent=ls.max_cpu_percent,
+            min_free_memory_mb=ls.min_free_memory_mb,
+            max_temperature_c=ls.max_temperature_c,
+            max_inference_p99_ms=ls.max_inference_p99_ms,
+        ),
+        gate=learner_policy.GatePolicy(epsilon=ls.gate_epsilon, delta=ls.gate_delta),
+        rollback=learner_policy.RollbackPolicy(
+            min_feedback=ls.rollback_min_feedback, max_drop=ls.rollback_max_drop
+        ),
+        schedule=list(ls.schedule),
+        epochs=ls.epochs,
+        lr=ls.learning_rate,
+        batch_size=ls.batch_size,
+        anchor_lambda=ls.anchor_lambda,
+        distill_weight=ls.distill_weight,
+        replay_fraction=ls.replay_fraction,
+        max_train_samples=ls.max_train_samples,
+        time_budget_s=ls.time_budget_s,
+        threads=ls.threads,
+        keep_versions=ls.keep_versions,
+        min_interval_s=ls.min_interval_s,
+    )
+
+
+def retention_limits(runtime: RuntimeConfig) -> RetentionLimits:
+    s = runtime.store
+    return RetentionLimits(
+        max_samples=s.max_samples,
+        max_sample_bytes=s.max_sample_bytes,
+        holdout_fraction=s.holdout_fraction,
+        max_predictions=s.max_predictions,
+        prediction_retention_days=s.prediction_retention_days,
+        max_feedback=s.max_feedback,
+    )
