@@ -83,7 +83,8 @@ class BrokerConfig(_Section):
         ge=60,
         le=0xFFFFFFFF,
         description="how long the broker keeps the session (subscriptions and queued QoS 1 messages) "
-        "while the box is offline",
+        "while the box is offline; the broker's own queue limits (examples/mosquitto.conf: 1 h at "
+        "100 messages/s) bound what it keeps",
     )
     receive_maximum: int = Field(
         1000,
@@ -91,6 +92,12 @@ class BrokerConfig(_Section):
         le=65535,
         description="QoS 1 messages the broker may have in flight to this box before it acks; samples "
         "are acked only after their commit, so this bounds both memory and ingest rate",
+    )
+    read_sys_dropped: bool = Field(
+        True,
+        description="subscribe to mosquitto's $SYS/broker/publish/messages/dropped (messages dropped "
+        "from full queues, all clients, since the broker started), log when it grows and report it "
+        "in telemetry; turn off where the broker's ACL forbids $SYS",
     )
     reconnect_min_delay_s: float = Field(1.0, gt=0, le=60, description="first reconnect delay")
     reconnect_max_delay_s: float = Field(60.0, gt=0, le=3600, description="reconnect delay ceiling (backoff)")

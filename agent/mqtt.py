@@ -9,6 +9,15 @@ Inbound QoS 1 messages are acked by the application (``manual_ack``): handlers c
 *generation* it arrived on; acks for an earlier connection are dropped, because the broker
 redelivers those messages on the new connection with the same packet ids, and a late ack could
 otherwise acknowledge a different, not yet committed, message that reuses the id.
+
+What the broker kept while the agent was away is counted (``MqttClient.stats()``): on a resumed
+session the client publishes a *resume marker* (QoS 1, a nonce) to a topic it subscribes to
+itself. The broker appends it to the session's queue behind everything it queued while the agent
+was offline, so the messages received before the marker comes back are that queue (plus whatever
+live messages the broker routed in the milliseconds between CONNACK and the marker, and the
+redeliveries of those the previous connection had not acked). With ``read_sys_dropped`` it also
+reads mosquitto's ``$SYS/broker/publish/messages/dropped``: messages the broker dropped because a
+client's queue was full (all clients, since the broker started), the one trace a loss leaves.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -36,6 +46,44 @@ log = logging.getLogger(__name__)
 QOS = 1
 # Outbound QoS 1 messages kept while the broker is away (responses, predictions, results).
 MAX_QUEUED_OUT = 20000
+# mosquitto's count of messages dropped from full queues (retained, QoS 0, every sys_interval).
+SYS_DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
+# Under the box's own namespace (next to the will's topic), which a box's ACL grants it.
+RESUME_MARKER_SUFFIX = "mqtt/resume"
+
+
+@dataclass(frozen=True)
+class BrokerQueue:
+    """A broker's per-client offline queue (mosquitto ``max_queued_*``) and the traffic it was sized for."""
+
+    max_queued_messages: int
+    max_queued_bytes: int
+    msgs_per_s: float
+    mean_payload_bytes: int
+
+    def covered_outage_s(
+        self, msgs_per_s: float | None = None, mean_payload_bytes: float | None = None
+    ) -> float:
+        """How long the agent can be away before the broker drops: the first limit reached."""
+        rate = msgs_per_s or self.msgs_per_s
+        mean = mean_payload_bytes or self.mean_payload_bytes
+        return min(self.max_queued_messages / rate, self.max_queued_bytes / (rate * mean))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "max_queued_messages": self.max_queued_messages,
+            "max_queued_bytes": self.max_queued_bytes,
+            "sized_for_msgs_per_s": self.msgs_per_s,
+            "sized_for_mean_payload_bytes": self.mean_payload_bytes,
+            "covered_outage_s": round(self.covered_outage_s()),
+        }
+
+
+# What examples/mosquitto.conf is sized for (its section 2: 1 h at 100 messages/s of <= 1 KiB);
+# tests/unit/test_broker_conf.py checks the file says the same.
+SHIPPED_BROKER_QUEUE = BrokerQueue(
+    max_queued_messages=360_000, max_queued_bytes=368_640_000, msgs_per_s=100.0, mean_payload_bytes=1024
+)
 
 
 @dataclass(frozen=True)
@@ -93,6 +141,7 @@ class MqttClient:
         subscriptions: dict[str, bool],
         on_message: Callable[[InboundMessage], None],
         on_connection_change: Callable[[bool], None] | None = None,
+        resume_marker_topic: str | None = None,
     ):
         self._broker = broker
         self._client_id = client_id
@@ -106,6 +155,19 @@ class MqttClient:
         self._connected_event = threading.Event()
         self._stopping = False
         self.last_error: str | None = None
+        parent = will.topic.rpartition("/")[0]
+        self._marker_topic = resume_marker_topic or (
+            f"{parent}/{RESUME_MARKER_SUFFIX}" if parent else f"{RESUME_MARKER_SUFFIX}/{client_id}"
+        )
+        # Resume accounting; written on paho's thread, read by stats() under the lock.
+        self._sessions_new = 0
+        self._sessions_resumed = 0
+        self._resume_nonce: str | None = None  # set while counting what the broker had queued
+        self._queued_last: int | None = None
+        self._queued_last_state: str | None = None  # receiving, complete or interrupted
+        self._queued_total = 0
+        self._broker_dropped: int | None = None
+        self._subscribed: list[str] = []
 
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -180,6 +242,26 @@ class MqttClient:
         thread = getattr(self._client, "_thread", None)
         return thread is not None and thread.is_alive()
 
+    def stats(self) -> dict[str, Any]:
+        """Sessions and what the broker had queued for this client, for telemetry and status.
+
+        ``queued_received_last_resume``: messages received on the last resumed session before its
+        resume marker came back (see the module docstring); ``queued_last_resume_state`` is
+        ``receiving`` until then, ``complete`` after, ``interrupted`` if the connection went first.
+        ``broker_dropped``: mosquitto's dropped counter (all clients, since the broker started);
+        ``None`` when not read or not readable ($SYS off, or the broker's ACL hides it).
+        """
+        with self._lock:
+            return {
+                "sessions_new": self._sessions_new,
+                "sessions_resumed": self._sessions_resumed,
+                "queued_received_last_resume": self._queued_last,
+                "queued_last_resume_state": self._queued_last_state,
+                "queued_received_total": self._queued_total,
+                "broker_dropped": self._broker_dropped,
+                "shipped_broker_queue": SHIPPED_BROKER_QUEUE.describe(),
+            }
+
     def _unacked_out(self) -> int:
         # paho keeps outbound QoS 1 messages here until the broker's PUBACK; it has no public count.
         return len(getattr(self._client, "_out_messages", ()))
@@ -247,6 +329,13 @@ class MqttClient:
         with self._lock:
             self._generation += 1
             self._connected = True
+            if flags.session_present:
+                self._sessions_resumed += 1
+                self._resume_nonce = f"{self._generation}-{uuid.uuid4().hex}"
+                self._queued_last, self._queued_last_state = 0, "receiving"
+            else:
+                self._sessions_new += 1
+                self._resume_nonce = None
         self.last_error = None
         log.info(
             "mqtt connected to %s:%s as %s (session %s)",
@@ -255,28 +344,42 @@ class MqttClient:
             self._client_id,
             "resumed" if flags.session_present else "new",
         )
+        # topic -> (QoS, send the retained message)
+        subscriptions = {t: (QOS, retained) for t, retained in self._subscriptions.items()}
+        subscriptions[self._marker_topic] = (QOS, False)
+        if self._broker.read_sys_dropped:
+            # QoS 0: mosquitto sends $SYS at the subscription's QoS, and at QoS 1 it would queue
+            # stale readings in our session while we are away, taking slots meant for samples.
+            # Retained: the current value at once.
+            subscriptions[SYS_DROPPED_TOPIC] = (0, True)
+        self._subscribed = list(subscriptions)
         _, self._subscribe_mid = client.subscribe(
             [
                 (
                     t,
                     SubscribeOptions(
-                        qos=QOS,
+                        qos=qos,
                         retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
                         if retained
                         else SubscribeOptions.RETAIN_DO_NOT_SEND,
                     ),
                 )
-                for t, retained in self._subscriptions.items()
+                for t, (qos, retained) in subscriptions.items()
             ]
         )
+        if self._resume_nonce is not None:
+            # After the SUBSCRIBE on the same connection: the broker routes it to us once subscribed.
+            client.publish(self._marker_topic, self._resume_nonce.encode(), qos=QOS)
         if self._on_connection_change:
             self._on_connection_change(True)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if mid != self._subscribe_mid:
             return
-        for topic, rc in zip(self._subscriptions, reason_codes, strict=False):
-            if rc.is_failure:
+        for topic, rc in zip(self._subscribed, reason_codes, strict=False):
+            if rc.is_failure and topic == SYS_DROPPED_TOPIC:
+                log.warning("subscription to %s refused: %s (broker.read_sys_dropped)", topic, rc)
+            elif rc.is_failure:
                 log.error("subscription to %s refused: %s", topic, rc)
         # Connected *and* subscribed: from here on nothing published to us is missed.
         self._connected_event.set()
@@ -285,6 +388,14 @@ class MqttClient:
         with self._lock:
             self._generation += 1
             was_connected, self._connected = self._connected, False
+            interrupted = self._resume_nonce is not None
+            if interrupted:
+                self._resume_nonce, self._queued_last_state = None, "interrupted"
+        if interrupted:
+            log.info(
+                "connection lost while receiving the broker's queue: %d queued messages received so far",
+                self._queued_last,
+            )
         self._connected_event.clear()
         if was_connected and not self._stopping:
             self.last_error = f"connection lost: {reason_code}"
@@ -293,6 +404,16 @@ class MqttClient:
             self._on_connection_change(False)
 
     def _on_message(self, client, userdata, message) -> None:
+        if message.topic == self._marker_topic:
+            self._on_resume_marker(message)
+            return
+        if message.topic.startswith("$SYS/"):
+            self._on_sys(message)
+            return
+        if self._resume_nonce is not None:
+            with self._lock:
+                self._queued_last = (self._queued_last or 0) + 1
+                self._queued_total += 1
         try:
             props = message.properties
             msg = InboundMessage(
@@ -311,3 +432,38 @@ class MqttClient:
         except Exception:
             # Never let a handler bug kill paho's network thread; the message stays unacked.
             log.exception("handler failed on a message (mid %d)", message.mid)
+
+    def _on_resume_marker(self, message) -> None:
+        if message.qos:
+            # Ours (or a stale one from a connection that ended first): it is acked either way.
+            self._client.ack(message.mid, message.qos)
+        with self._lock:
+            if self._resume_nonce is None or bytes(message.payload) != self._resume_nonce.encode():
+                return
+            self._resume_nonce, self._queued_last_state = None, "complete"
+            count = self._queued_last
+        log.info(
+            "resumed session: the broker had queued %d messages for %s while it was away",
+            count,
+            self._client_id,
+        )
+
+    def _on_sys(self, message) -> None:
+        if message.qos:
+            self._client.ack(message.mid, message.qos)  # a session subscribed at QoS 1 before
+        if message.topic != SYS_DROPPED_TOPIC:
+            return
+        try:
+            dropped = int(bytes(message.payload).decode().strip())
+        except ValueError:
+            return
+        with self._lock:
+            before, self._broker_dropped = self._broker_dropped, dropped
+        if dropped > (before or 0):
+            # Broker-wide: a slow or offline client anywhere counts, this box among them.
+            log.warning(
+                "broker dropped %d messages from full queues since it started (%s): if this box was "
+                "away, some were for it; see max_queued_messages in examples/mosquitto.conf",
+                dropped,
+                "first reading" if before is None else f"{dropped - before} new",
+            )
