@@ -1,7 +1,8 @@
 """`make demo`: the whole system on this machine with its defaults, ending by itself (~3-5 min).
 
 1. `make` builds the default bundle (all-MiniLM-L6-v2, offline) before this runs;
-2. a private mosquitto starts on a free port, and `edge-agent run` connects to it as a box would;
+2. a private mosquitto starts from the shipped examples/mosquitto.conf on a free port, and
+   `edge-agent run` connects to it as a box would;
 3. a client asks the agent to classify plant texts over MQTT (base model: untrained head);
 4. a simulated plant publishes labeled samples; the agent stores them (acked after commit), its
    learner trains a LoRA adapter in a spawned process while inference keeps answering, the gate
@@ -17,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,16 +26,11 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from tests.integration.mosquitto import Mosquitto
 from tools.simulate import labeled_dataset
 
 SITE, DEVICE = "demo-plant", "line1-box1"
 BASE = f"edge/{SITE}/{DEVICE}/"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Client:
@@ -90,15 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    port = free_port()
-    (work / "mosquitto.conf").write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-    )
-    broker = subprocess.Popen(
-        [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    # The shipped examples/mosquitto.conf (persistence, queue limits), on a free port, with its
+    # persistence file and log in the work directory.
+    broker = Mosquitto(work / "broker").start()
+    port = broker.port
     config = work / "edge-agent.toml"
     config.write_text(
         f'site = "{SITE}"\ndevice = "{DEVICE}"\ndata_dir = "{work / "data"}"\n'
@@ -184,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         agent.send_signal(signal.SIGTERM)
         code = agent.wait(60)
         print(f"\nagent stopped with exit code {code} (SIGTERM: drain, commit, disconnect)")
-        broker.terminate()
-        broker.wait(10)
+        broker.stop()
     return 0 if code == 0 else 1
 
 

@@ -1,13 +1,18 @@
 """``python -m tools.bench ingest [--json]``: MQTT sample ingest into the store, against the broker's limit.
 
-One run, one private mosquitto (tests/integration/mosquitto.py), the daemon as a process:
+One run, one private mosquitto started from the shipped ``examples/mosquitto.conf``
+(tests/integration/mosquitto.py), the daemon as a process:
 1. **broker**: a publisher sends N labeled samples at QoS 1 as fast as the broker takes them to a
    subscriber that does nothing (another process): ``broker_msgs_per_s``, the limit;
 2. **ingest**: the same N samples to the agent; ``ingest_msgs_per_s`` counts samples *committed*
    to SQLite (polled from the database file) from the first publish to the last commit;
 3. **chaos**: M more samples while the broker is restarted once and the agent is killed -9 once
    and started again. ``lost``: samples the broker acked to the publisher that never reached the
-   database; ``duplicates_stored``: rows beyond one per sample id (redeliveries stored twice);
+   database, counted from the device side (PUBACKs with a success reason code the publisher
+   received, against the sample ids in SQLite: ``lost_counted_from``); ``duplicates_stored``: rows
+   beyond one per sample id (redeliveries stored twice); ``broker_dropped``: mosquitto's own count
+   of messages dropped from full queues ($SYS); ``agent_queued_on_resume``: what the restarted
+   agent counted as queued for it on the broker (its log);
 4. **latency**, idle box: ``infer_roundtrip_p99_ms`` (request published -> response received,
    batch 1, unique texts so no cache hits) against ``model_p99_ms`` (the same texts through an
    engine of the same bundle and precision in this process), interleaved round by round;
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -115,6 +121,10 @@ class Publisher:
         from paho.mqtt.properties import Properties
 
         self.client = _client(f"bench-pub-{uuid.uuid4().hex[:6]}")
+        # PUBACKs whose reason code says the broker did not take the message (MQTT 5); mids are
+        # reused only after 65535 messages, beyond any one run.
+        self.refused_mids: set[int] = set()
+        self.client.on_publish = self._on_publish
         # paho walks every in-flight message on each PUBACK: a small window publishes fastest (measured:
         # 20-50 in flight beat 1000 by ~1.6x on the 2-core dev box).
         self.client.max_inflight_messages_set(50)
@@ -128,6 +138,10 @@ class Publisher:
             raise RuntimeError("publisher could not connect")
         self.sent: list[tuple[str, Any]] = []
 
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.refused_mids.add(mid)
+
     def publish_samples(self, topic: str, prefix: str, n: int, labels: list[str]) -> float:
         """Queue n samples (paho sends them as fast as its in-flight window allows); returns the start time."""
         start = time.time()
@@ -140,7 +154,19 @@ class Publisher:
         return start
 
     def acked(self, prefix: str = "") -> set[str]:
-        return {sid for sid, info in self.sent if sid.startswith(prefix) and info.is_published()}
+        """Sample ids the broker acknowledged to this publisher: what the plant considers delivered."""
+        return {
+            sid
+            for sid, info in self.sent
+            if sid.startswith(prefix) and info.is_published() and info.mid not in self.refused_mids
+        }
+
+    def refused(self, prefix: str = "") -> int:
+        return sum(
+            1
+            for sid, info in self.sent
+            if sid.startswith(prefix) and info.is_published() and info.mid in self.refused_mids
+        )
 
     def wait_acked(self, n: int, prefix: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -150,6 +176,37 @@ class Publisher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def _broker_dropped(broker, timeout: float = 30.0) -> int | None:
+    """mosquitto's $SYS count of messages dropped from full queues (all clients, since it started).
+
+    The retained value can be a tick old, and the counter is republished only when it changes: so
+    the figure is the last value held after two fresh ``uptime`` ticks (sys_interval, 10 s shipped).
+    """
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+
+    dropped: list[int] = []
+    ticks: list[bool] = []
+
+    def on_message(client, userdata, m) -> None:
+        if m.topic.endswith("/dropped"):
+            dropped.append(int(m.payload))
+        elif not m.retain:
+            ticks.append(True)
+
+    c = _client(f"bench-sys-{uuid.uuid4().hex[:6]}")
+    c.on_message = on_message
+    c.connect(broker.host, broker.port, clean_start=True)
+    c.loop_start()
+    opts = SubscribeOptions(qos=0)
+    c.subscribe([("$SYS/broker/publish/messages/dropped", opts), ("$SYS/broker/uptime", opts)])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(ticks) < 2:
+        time.sleep(0.1)
+    c.disconnect()
+    c.loop_stop()
+    return dropped[-1] if dropped and len(ticks) >= 2 else None
 
 
 def _rows(db: Path) -> int:
@@ -241,13 +298,19 @@ def measure_chaos(pub: Publisher, topic: str, broker, spawn, agent, db: Path, n:
     finally:
         conn.close()
     seconds = (done or time.time()) - start
+    resumes = [int(x) for x in re.findall(r"the broker had queued (\d+) messages", agent.log())]
     result = {
         "chaos_msgs_per_s": len(stored) / seconds,
         "chaos_events": events,
         "published": n,
         "acked_by_broker": len(acked),
+        "refused_by_broker": pub.refused("c-"),
         "lost": len(acked - stored),
+        "lost_counted_from": "device: sample ids whose PUBACK (success reason code) the publisher "
+        "received, minus the sample ids in SQLite",
         "duplicates_stored": rows - ids,
+        "broker_dropped": _broker_dropped(broker),
+        "agent_queued_on_resume": resumes[-1] if resumes else None,
     }
     return result, agent
 
@@ -316,8 +379,9 @@ def measure_latency(broker, base: str, bundle: Path, n: int, warmup: int = 20) -
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from agent.bundle import load_manifest
+    from agent.mqtt import SHIPPED_BROKER_QUEUE
     from tests.integration.conftest import BASE, AgentProcess, write_agent_config
-    from tests.integration.mosquitto import Mosquitto
+    from tests.integration.mosquitto import SHIPPED_CONF, Mosquitto
 
     bundle = common.ensure_bundle(args.bundle).resolve()
     labels = list(load_manifest(bundle).labels)
@@ -327,6 +391,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "samples": args.samples,
         "chaos_samples": args.chaos_samples,
         "bundle": str(bundle),
+        "broker_config": str(SHIPPED_CONF.relative_to(Path(__file__).resolve().parents[2])),
+        "broker_queue": SHIPPED_BROKER_QUEUE.describe(),
     }
 
     broker = Mosquitto(work / "broker").start()
@@ -412,7 +478,8 @@ def _report(r: dict[str, Any]) -> str:
         [
             "lost / duplicates stored",
             f"{r['lost']} / {r['duplicates_stored']}",
-            f"{r['acked_by_broker']} acked by broker",
+            f"of {r['acked_by_broker']} the broker acked to the publisher (device side);"
+            f" broker dropped {r['broker_dropped']}; agent counted {r['agent_queued_on_resume']} queued on resume",
         ],
         [
             "infer round trip p50 / p99",
