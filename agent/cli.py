@@ -73,6 +73,66 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_install(args: argparse.Namespace) -> int:
+    from agent.ops.install import InstallOptions, install
+
+    opts = InstallOptions(
+        root=Path(args.root),
+        role=args.role,
+        executable=Path(args.exec) if args.exec else None,
+        source=Path(args.source) if args.source else None,
+        gpu=args.gpu,
+        bundle=Path(args.bundle) if args.bundle else None,
+        enable=args.enable,
+    )
+    try:
+        report = install(opts)
+    except PermissionError as e:
+        print(f"edge-agent: error: {e}", file=sys.stderr)
+        return 77  # EX_NOPERM
+    print("\n".join(report.lines()))
+    return 0
+
+
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    from agent.health import check_status_file, status_file_path
+
+    if args.config:
+        from agent.config import load_bootstrap
+
+        path = status_file_path(load_bootstrap(Path(args.config)).data_dir)
+    else:
+        path = Path(args.file)
+    check = check_status_file(path, max_age_s=args.max_age)
+    print(("ok: " if check.ok else "unhealthy: ") + check.reason)
+    return 0 if check.ok else 1
+
+
+def _add_ops_commands(sub: argparse._SubParsersAction) -> None:
+    ins = sub.add_parser("install", help="lay out user, directories, config, credentials and systemd units")
+    ins.add_argument(
+        "--root", default="/", help="install under DIR instead of / (runs no systemctl/sysusers)"
+    )
+    ins.add_argument(
+        "--role", choices=["box", "hq", "both"], default="box", help="box: edge-agent; hq: aggregator"
+    )
+    ins.add_argument("--exec", help="edge-agent executable the units run (default: this environment's)")
+    ins.add_argument("--source", help="source tree with systemd/ and examples/ (default: beside the package)")
+    ins.add_argument("--gpu", choices=["auto", "nvidia", "jetson", "none"], default="auto")
+    ins.add_argument("--bundle", help="model bundle directory to copy to /var/lib/edge-agent/bundle")
+    ins.add_argument("--enable", action="store_true", help="systemctl enable the units (real root only)")
+    ins.set_defaults(func=_cmd_install)
+    hc = sub.add_parser("healthcheck", help="exit 0 only if the daemon's status file is fresh and healthy")
+    hc.add_argument(
+        "--file",
+        default=os.environ.get("EDGE_AGENT_STATUS_FILE", "/var/lib/edge-agent/status.json"),
+        help="status file (default $EDGE_AGENT_STATUS_FILE or /var/lib/edge-agent/status.json)",
+    )
+    hc.add_argument("--config", help="bootstrap TOML file: use data_dir/status.json from it")
+    hc.add_argument("--max-age", type=float, default=30.0, help="seconds after which the file is stale")
+    hc.set_defaults(func=_cmd_healthcheck)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from agent.bundle import ALL_LORA_TARGETS
 
@@ -114,9 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("texts", nargs="*")
     pr.set_defaults(func=_cmd_predict)
 
+    _add_ops_commands(sub)  # install, healthcheck
     from agent.daemon import add_commands
 
     add_commands(sub)  # run, validate-config, config-schema
+    from agent.fed.commands import add_commands as add_fed_commands
+
+    add_fed_commands(sub)  # aggregator run, keys
     return p
 
 

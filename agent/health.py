@@ -1,21 +1,33 @@
-"""Health: counters, system figures (psutil, NVML when importable) and systemd notification.
+"""Health: counters, system figures (psutil, NVML when importable), systemd notification and the
+status file.
 
 ``sd_notify`` speaks the sd_notify datagram protocol over ``$NOTIFY_SOCKET`` directly: no
 dependency on libsystemd. NVML comes from the ``nvidia-ml-py`` package (module ``pynvml``) only
 when it is installed and a driver answers; without it telemetry reports ``gpu: null``.
+
+The status file (``data_dir/status.json``) is the container's equivalent of the systemd
+watchdog: the daemon rewrites it every few seconds (:func:`write_status_file`) and
+``edge-agent healthcheck`` (:func:`check_status_file`) calls it healthy only while it is fresh and
+says so.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from agent.durable import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +83,58 @@ def watchdog_interval() -> float | None:
     except ValueError:
         return None
     return value / 2e6 if value > 0 else None
+
+
+# ---- status file (container health) ------------------------------------------------------------
+
+STATUS_FILE_NAME = "status.json"
+# The daemon writes every STATUS_INTERVAL_S; a reader allows a few missed writes.
+STATUS_INTERVAL_S = 5.0
+STATUS_MAX_AGE_S = 30.0
+
+
+def status_file_path(data_dir: Path) -> Path:
+    return Path(data_dir) / STATUS_FILE_NAME
+
+
+def write_status_file(path: Path, healthy: bool, payload: Mapping[str, Any] | None = None) -> None:
+    """Atomically replace ``path`` with ``{"healthy", "ts", "pid", **payload}`` (temp + fsync +
+    rename: a reader sees the old file or the new one, never half of one)."""
+    write_json_atomic(
+        Path(path), {**(payload or {}), "healthy": bool(healthy), "ts": time.time(), "pid": os.getpid()}
+    )
+
+
+@dataclass(frozen=True)
+class StatusCheck:
+    ok: bool
+    reason: str
+    status: dict[str, Any] | None = None
+
+
+def check_status_file(
+    path: Path, max_age_s: float = STATUS_MAX_AGE_S, now: float | None = None
+) -> StatusCheck:
+    """Healthy only if the file exists, parses, says ``healthy: true`` and was written within
+    ``max_age_s`` (a timestamp as far in the future counts as stale too: a clock that jumped)."""
+    path = Path(path)
+    try:
+        status = json.loads(path.read_text())
+    except FileNotFoundError:
+        return StatusCheck(False, f"{path} does not exist (the daemon has not written it yet)")
+    except (OSError, ValueError) as e:
+        return StatusCheck(False, f"{path} unreadable: {e}")
+    if not isinstance(status, dict) or not isinstance(status.get("ts"), int | float):
+        return StatusCheck(False, f"{path} has no timestamp")
+    age = (time.time() if now is None else now) - float(status["ts"])
+    if abs(age) > max_age_s:
+        return StatusCheck(
+            False, f"{path} is {age:.0f} s old (max {max_age_s:g} s): the daemon stopped writing it", status
+        )
+    if status.get("healthy") is not True:
+        state = status.get("state", "unknown")
+        return StatusCheck(False, f"daemon reports unhealthy (state {state}), {age:.1f} s ago", status)
+    return StatusCheck(True, f"healthy (state {status.get('state', 'unknown')}), {age:.1f} s ago", status)
 
 
 # ---- system figures ---------------------------------------------------------------------------

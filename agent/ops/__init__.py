@@ -1,0 +1,1 @@
+"""Operations: installing the service, cgroups for the learner."""
