@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 QOS = 1
 # Outbound QoS 1 messages kept while the broker is away (responses, predictions, results).
 MAX_QUEUED_OUT = 20000
-# mosquitto's count of messages dropped from full queues (retained, QoS 0, every sys_interval).
+# mosquitto's count of messages dropped from full queues: retained, republished when it changes
+# (checked every sys_interval), delivered at the QoS of the subscription.
 SYS_DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 # Under the box's own namespace (next to the will's topic), which a box's ACL grants it.
 RESUME_MARKER_SUFFIX = "mqtt/resume"
