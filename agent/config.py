@@ -169,6 +169,49 @@ class StoreBootstrap(_Section):
     max_batch: int = Field(512, ge=1, le=100000, description="most messages committed in one transaction")
 
 
+class FleetConfig(_Section):
+    id: str = Field(
+        pattern=SEGMENT_PATTERN, description="fleet id: the {fleet} level of fed/{fleet}/... topics"
+    )
+    public_key_files: list[FsPath] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Ed25519 public keys (PEM) whose signatures on global adapters this box trusts; "
+        "list the old and the new key while rotating",
+    )
+    public_key_credential: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="name of a systemd credential (LoadCredential=) holding one more trusted public key",
+    )
+    max_outbox_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="disk quota of uploads queued for headquarters; beyond it the oldest are dropped "
+        "(and counted)",
+    )
+    chunk_bytes: int = Field(
+        256 * 1024,
+        ge=4096,
+        le=1024 * 1024,
+        description="uploads are sent in chunks of at most this many bytes (below the broker's "
+        "max_packet_size)",
+    )
+
+    @model_validator(mode="after")
+    def _some_key(self) -> FleetConfig:
+        if not self.public_key_files and self.public_key_credential is None:
+            raise ValueError("give public_key_files or public_key_credential: unsigned globals are refused")
+        return self
+
+    def public_key_paths(self) -> list[Path]:
+        paths = list(self.public_key_files)
+        cred_dir = os.environ.get(CREDENTIALS_ENV)
+        if self.public_key_credential is not None and cred_dir:
+            paths.append(Path(cred_dir) / self.public_key_credential)
+        return paths
+
+
 class BootstrapConfig(_Section):
     site: str = Field(pattern=SEGMENT_PATTERN, description="plant id: the {site} level of every topic")
     device: str = Field(pattern=SEGMENT_PATTERN, description="box id: the {device} level of every topic")
@@ -178,6 +221,9 @@ class BootstrapConfig(_Section):
     broker: BrokerConfig = Field(description="MQTT broker connection")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="inference engine set-up")
     store: StoreBootstrap = Field(default_factory=StoreBootstrap, description="SQLite set-up")
+    fleet: FleetConfig | None = Field(
+        None, description="the federated fleet this box belongs to; without it the box never syncs"
+    )
 
     @property
     def client_id(self) -> str:
@@ -325,22 +371,43 @@ class LearningSettings(_RuntimeSection):
 
 
 class SyncSettings(_RuntimeSection):
-    """Used by federated sync (issue: fedsync); the daemon stores and reports them."""
+    """Federated sync with the fleet's aggregator (``agent.fed.client``). Which fleet, and whose
+    signatures to trust, are in the bootstrap file (``[fleet]``): a message cannot change them."""
 
-    enabled: bool = Field(False, description="take part in federated rounds")
-    fleet: str | None = Field(
-        None, pattern=SEGMENT_PATTERN, description="fleet id: the {fleet} level of fed/{fleet}/... topics"
+    enabled: bool = Field(
+        False, description="take part in federated rounds (needs the bootstrap file's [fleet] section)"
+    )
+    participation: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="share of rounds this box uploads to (decided per round from the round id and device, "
+        "so a restart decides the same)",
+    )
+    strategy: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="take part only in rounds of this aggregation strategy (default: whatever the "
+        "aggregator announces)",
     )
     min_examples: int = Field(
-        100, ge=1, description="upload an adapter update only when trained on at least this many examples"
+        100, ge=1, description="upload an adapter only when it was trained on at least this many examples"
     )
-    upload_interval_s: int = Field(3600, ge=10, le=7 * 86400, description="how often to offer an update")
-
-    @model_validator(mode="after")
-    def _fleet_when_enabled(self) -> SyncSettings:
-        if self.enabled and not self.fleet:
-            raise ValueError("fleet is required when sync is enabled")
-        return self
+    upload_interval_s: int = Field(
+        60, ge=0, le=7 * 86400, description="least time between two uploads of this box"
+    )
+    resend_after_s: float = Field(
+        30.0,
+        ge=1.0,
+        le=86400.0,
+        description="an upload the aggregator has not acknowledged is sent again after this long",
+    )
+    adopt_global: bool = Field(
+        True,
+        description="evaluate each verified global adapter on this box's holdout and promote it "
+        "when it does not regress; false: use it only as the anchor of local training",
+    )
 
 
 class TelemetrySettings(_RuntimeSection):
@@ -443,12 +510,16 @@ def _resolve_paths(config: BootstrapConfig, base: Path) -> BootstrapConfig:
         )
     broker = broker.model_copy(update={"tls": tls, "password_file": fix(broker.password_file)})
     engine = config.engine.model_copy(update={"adapter_dir": fix(config.engine.adapter_dir)})
+    fleet = config.fleet
+    if fleet is not None:
+        fleet = fleet.model_copy(update={"public_key_files": [fix(p) for p in fleet.public_key_files]})
     return config.model_copy(
         update={
             "data_dir": fix(config.data_dir),
             "bundle": fix(config.bundle),
             "broker": broker,
             "engine": engine,
+            "fleet": fleet,
         }
     )
 
@@ -463,6 +534,9 @@ def check_paths(config: BootstrapConfig) -> list[str]:
         files["broker.tls.ca_file"] = config.broker.tls.ca_file
         files["broker.tls.cert_file"] = config.broker.tls.cert_file
         files["broker.tls.key_file"] = config.broker.tls.key_file
+    if config.fleet is not None:
+        for i, key_path in enumerate(config.fleet.public_key_paths()):
+            files[f"fleet.public_key_files[{i}]"] = key_path
     for key, path in files.items():
         if path is not None and not path.is_file():
             problems.append(f"{key}: no such file: {path}")

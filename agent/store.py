@@ -34,6 +34,7 @@ TRAIN = "train"
 HOLDOUT = "holdout"
 KEEP_CONFIG_VERSIONS = 200
 KEEP_COMMANDS = 1000
+KEEP_OUTBOX_ACKED = 200
 DELETE_CHUNK = 5000
 
 migrations = Migrations("edge-agent")
@@ -110,6 +111,36 @@ def m001_initial(db: Database) -> None:
             sent_at REAL
         );
         CREATE INDEX outbox_pending ON outbox (sent_at, id);
+        """
+    )
+
+
+@migrations()
+def m002_outbox_for_uploads(db: Database) -> None:
+    # The first outbox (never used) acked rows on the broker's PUBACK; an upload counts only once
+    # the aggregator has said so, so rows now wait for that answer, keyed by the upload id.
+    db.executescript(
+        """
+        DROP TABLE IF EXISTS outbox;
+        CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,            -- delivery order
+            kind TEXT NOT NULL,                -- what the far side acknowledges, e.g. 'upload'
+            key TEXT NOT NULL UNIQUE,          -- its idempotency key (upload id)
+            topic TEXT NOT NULL,
+            meta TEXT NOT NULL,                -- JSON
+            payload BLOB NOT NULL,
+            bytes INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_attempt_at REAL,
+            acked_at REAL,                     -- the far side's answer arrived
+            result TEXT                        -- JSON: that answer
+        );
+        CREATE INDEX outbox_pending ON outbox (acked_at, id);
+        CREATE TABLE sync_state (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
         """
     )
 
@@ -545,27 +576,136 @@ class Store:
         except sqlite3.Error as e:
             raise storage_error(e) from e
 
-    # ---- outbox (sync issue) -----------------------------------------------------------------
-    def outbox_put(self, topic: str, payload: bytes, qos: int = 1) -> int:
+    # ---- outbox (store-and-forward to headquarters) ------------------------------------------
+    def outbox_put(
+        self, kind: str, key: str, topic: str, meta: dict[str, Any], payload: bytes, max_bytes: int
+    ) -> list[str]:
+        """Queue ``payload`` for delivery under ``key`` (a second put of the same key is a no-op).
+
+        The queue is bounded by ``max_bytes`` of unacknowledged payloads: the oldest give way to
+        the new one. Returns the keys dropped for it. Raises StorageError, or ValueError when the
+        payload alone exceeds the quota.
+        """
+        if len(payload) > max_bytes:
+            raise ValueError(f"{len(payload)} bytes exceed the outbox quota of {max_bytes}")
+        dropped: list[str] = []
         try:
             with self.db.atomic() as db:
-                cur = db.execute(
-                    "INSERT INTO outbox (topic, payload, qos, created_at) VALUES (?, ?, ?, ?)",
-                    (topic, payload, qos, time.time()),
+                conn = db.conn
+                if conn.execute("SELECT 1 FROM outbox WHERE key = ?", (key,)).fetchone():
+                    return []
+                queued = conn.execute(
+                    "SELECT coalesce(sum(bytes), 0) FROM outbox WHERE acked_at IS NULL"
+                ).fetchone()[0]
+                for row_id, old_key, size in conn.execute(
+                    "SELECT id, key, bytes FROM outbox WHERE acked_at IS NULL ORDER BY id"
+                ).fetchall():
+                    if queued + len(payload) <= max_bytes:
+                        break
+                    conn.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+                    queued -= size
+                    dropped.append(old_key)
+                conn.execute(
+                    "INSERT INTO outbox (kind, key, topic, meta, payload, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (kind, key, topic, json.dumps(meta), payload, len(payload), time.time()),
+                )
+                # Acknowledged rows are kept a while for status and audits, not forever.
+                conn.execute(
+                    "DELETE FROM outbox WHERE acked_at IS NOT NULL AND id <= (SELECT max(id) FROM outbox) - ?",
+                    (KEEP_OUTBOX_ACKED,),
                 )
         except sqlite3.Error as e:
             raise storage_error(e) from e
-        return int(cur.lastrowid or 0)
+        return dropped
 
-    def outbox_pending(self, limit: int = 100) -> list[dict[str, Any]]:
-        return list(self.db["outbox"].rows_where("sent_at IS NULL", order_by="id", limit=limit))
+    def outbox_due(
+        self, resend_after_s: float, now: float | None = None, limit: int = 16
+    ) -> list[dict[str, Any]]:
+        """Unacknowledged rows never sent, or last sent ``resend_after_s`` ago, oldest first."""
+        now = time.time() if now is None else now
+        try:
+            rows = self.db.conn.execute(
+                "SELECT id, kind, key, topic, meta, payload, attempts FROM outbox WHERE acked_at IS NULL"
+                " AND (last_attempt_at IS NULL OR last_attempt_at <= ?) ORDER BY id LIMIT ?",
+                (now - resend_after_s, limit),
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise storage_error(e) from e
+        return [
+            {
+                "id": r[0],
+                "kind": r[1],
+                "key": r[2],
+                "topic": r[3],
+                "meta": json.loads(r[4]),
+                "payload": r[5],
+                "attempts": r[6],
+            }
+            for r in rows
+        ]
 
-    def outbox_mark_sent(self, ids: Iterable[int]) -> None:
-        ids = list(ids)
+    def outbox_attempted(self, row_id: int, now: float | None = None) -> None:
         try:
             with self.db.atomic() as db:
-                db.conn.executemany(
-                    "UPDATE outbox SET sent_at = ? WHERE id = ?", [(time.time(), i) for i in ids]
+                db.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, last_attempt_at = ? WHERE id = ?",
+                    (time.time() if now is None else now, row_id),
+                )
+        except sqlite3.Error as e:
+            raise storage_error(e) from e
+
+    def outbox_ack(self, key: str, result: dict[str, Any]) -> bool:
+        """Record the far side's answer; True when it settled a row that was still waiting."""
+        try:
+            with self.db.atomic() as db:
+                cur = db.execute(
+                    "UPDATE outbox SET acked_at = ?, result = ? WHERE key = ? AND acked_at IS NULL",
+                    (time.time(), json.dumps(result), key),
+                )
+        except sqlite3.Error as e:
+            raise storage_error(e) from e
+        return cur.rowcount == 1
+
+    def outbox_find(self, key: str) -> dict[str, Any] | None:
+        row = self.db.conn.execute(
+            "SELECT key, meta, attempts, created_at, acked_at, result FROM outbox WHERE key = ?", (key,)
+        ).fetchone()
+        if row is None:
+            return None
+        return {
+            "key": row[0],
+            "meta": json.loads(row[1]),
+            "attempts": row[2],
+            "created_at": row[3],
+            "acked_at": row[4],
+            "result": json.loads(row[5]) if row[5] else None,
+        }
+
+    def outbox_stats(self, now: float | None = None) -> dict[str, Any]:
+        """What is queued for headquarters: count, bytes, age of the oldest (for telemetry)."""
+        now = time.time() if now is None else now
+        n, size, oldest = self.db.conn.execute(
+            "SELECT count(*), coalesce(sum(bytes), 0), min(created_at) FROM outbox WHERE acked_at IS NULL"
+        ).fetchone()
+        acked = self.db.conn.execute("SELECT count(*) FROM outbox WHERE acked_at IS NOT NULL").fetchone()[0]
+        return {
+            "queued": n,
+            "queued_bytes": size,
+            "oldest_queued_age_s": round(now - oldest, 1) if oldest is not None else None,
+            "acked_kept": acked,
+        }
+
+    # ---- sync state (the fleet client's small facts: last round seen, global installed) --------
+    def sync_state(self, key: str) -> str | None:
+        row = self.db.conn.execute("SELECT value FROM sync_state WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_sync_state(self, key: str, value: str) -> None:
+        try:
+            with self.db.atomic() as db:
+                db.execute(
+                    "INSERT INTO sync_state (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value),
                 )
         except sqlite3.Error as e:
             raise storage_error(e) from e

@@ -19,6 +19,9 @@
 | ``telemetry``   | out       | no       | health every ``telemetry.interval_s``                      |
 | ``status``      | out       | yes      | ``{"state": "online"|"stopping"|"offline", ...}``; the     |
 |                 |           |          | last will is ``{"state": "offline", "clean": false}``      |
+| ``learner``     | out       | no       | learner events: round started/finished, rollback           |
+| ``sync``        | out       | no       | sync events: upload queued/acknowledged/refused, global    |
+|                 |           |          | verified/refused (with the reason)                         |
 
 Errors always look like ``{"id": ..., "error": {"code": ..., "message": ...}}``; the codes are
 ``agent.messages.ErrorCode``. Only errors are published on ``samples/res``, ``feedback/res`` and
@@ -130,6 +133,11 @@ class Topics:
     def learner(self) -> str:
         """Learner events: round started/finished (promoted or refused, with reasons), rollback."""
         return self.topic("learner")
+
+    @property
+    def sync(self) -> str:
+        """Federated sync events: uploads queued/acknowledged/refused, globals verified or refused."""
+        return self.topic("sync")
 
     def result_topic(self, kind: Kind) -> str:
         return self.topic(RESULT_SUFFIX[kind])

@@ -98,6 +98,7 @@ class EdgeAgent:
         self.store: Store
         self.engine: EngineLike
         self.learner: LearnerManager | None = None
+        self.sync: Any = None  # agent.fed.client.SyncClient when the bootstrap file has [fleet]
         self.transport: MqttClient
         self.replier: Replier
         self.dispatcher: Dispatcher
@@ -143,11 +144,15 @@ class EdgeAgent:
 
     def init_transport(self) -> None:
         subscriptions = {t: kind is Kind.CONFIG for t, kind in self.topics.inbound().items()}
+        if self.boot.fleet is not None:
+            from agent.fed.topics import FleetTopics
+
+            subscriptions.update(FleetTopics(self.boot.fleet.id).box_subscriptions(self.boot.device))
         self.transport = MqttClient(
             self.boot.broker,
             self.boot.client_id,
             will=Will(self.topics.status, {"state": "offline", "clean": False, "device": self.boot.device}),
-            # Only the desired config is meant to be retained; a
+            # Only the desired config (and the fleet's round and global) is meant to be retained; a
             # retained request or sample left on the broker by mistake would otherwise be served
             # again after every reconnect.
             subscriptions=subscriptions,
@@ -227,6 +232,29 @@ class EdgeAgent:
         self.commands.register("status", lambda args: self.reporter.status())
         self.commands.register("reload_config", lambda args: self.reload_config())
         self.commands.register("snapshot", lambda args: self.snapshot())
+
+    def init_sync(self) -> None:
+        """The fleet's sync client, when the bootstrap file names a fleet (``[fleet]``). Raises
+        OSError/ValueError for unreadable trusted keys (a config error)."""
+        from agent.fed.client import SyncClient, no_fleet_check
+
+        if self.boot.fleet is None:
+            self.live.add_check(no_fleet_check)
+            return
+        self.sync = SyncClient(
+            boot=self.boot,
+            store=self.store,
+            transport=self.transport,
+            live=self.live,
+            learner=self.learner,
+            engine=self.engine,
+            counters=self.counters,
+            box_topics=self.topics,
+        )
+        self.dispatcher.route(self.sync.topics.is_fleet_topic, self.sync.on_message)
+        self.control.every_idle("sync tick", self.sync.tick)
+        self.reporter.add_section("sync", self.sync.status)
+        self.commands.register("sync_now", lambda args: self.sync.sync_now())
 
     # ---- start / stop --------------------------------------------------------------------------
     def start(self) -> None:

@@ -108,6 +108,13 @@ def init_app(app: EdgeAgent) -> int:
         return exit_codes.CONFIG_ERROR
     app.init_learner()
     app.init_workers()
+    try:
+        app.init_sync()
+    except (OSError, ValueError) as e:  # trusted keys unreadable or not Ed25519
+        log.error("fleet settings: %s", e)
+        app.engine.close()
+        app.store.close()
+        return exit_codes.CONFIG_ERROR
     return exit_codes.OK
 
 

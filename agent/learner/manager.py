@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS adapter_versions (
     data_to_id INTEGER,
     n_new INTEGER, n_replay INTEGER,
     created_at REAL NOT NULL,
-    promoted_at REAL
+    promoted_at REAL,
+    origin TEXT NOT NULL DEFAULT 'local'  -- 'local' (trained here) or 'fleet' (a global adapter)
 );
 CREATE TABLE IF NOT EXISTS learner_state (
     key TEXT PRIMARY KEY,
@@ -77,6 +78,7 @@ class LearnerManager:
         settings: LearnerSettings | None = None,
         publish: Callable[[str, dict[str, Any]], None] | None = None,
         anchor_dir: Callable[[], Path | None] | None = None,
+        frozen_a_seed: Callable[[], int | None] | None = None,
     ):
         self.db_path = Path(db_path)
         self.bundle_dir = Path(bundle_dir)
@@ -87,9 +89,14 @@ class LearnerManager:
         self.engine = engine
         self.settings = settings or LearnerSettings()
         self.publish = publish or (lambda event, body: None)
+        # The fleet's say in local training (agent.fed.client): theta* and the distillation
+        # teacher are the fleet's global adapter when there is one; with FFA-LoRA, A is frozen.
         self.anchor_dir = anchor_dir or (lambda: None)
+        self.frozen_a_seed = frozen_a_seed or (lambda: None)
+        self._offer: tuple[Path, str, str] | None = None  # (dir, version, origin) to evaluate next
         self._proc: Any = None
         self._spec: RoundSpec | None = None
+        self._origin = "local"
         self._manual = False
         self._last_round_end = 0.0
         self._last_refusal: str | None = None
@@ -104,6 +111,9 @@ class LearnerManager:
         }
         with self._db() as con:
             con.executescript(REGISTRY_SCHEMA)
+            columns = {r["name"] for r in con.execute("PRAGMA table_info(adapter_versions)")}
+            if "origin" not in columns:  # a registry from before federation
+                con.execute("ALTER TABLE adapter_versions ADD COLUMN origin TEXT NOT NULL DEFAULT 'local'")
         self._pause_file = self.work_dir / "pause"
         self._cancel_file = self.work_dir / "cancel"
         self._pause_file.unlink(missing_ok=True)
@@ -134,6 +144,14 @@ class LearnerManager:
     def active_version(self) -> str | None:
         return self._state("active")
 
+    def version_info(self, version: str | None) -> dict[str, Any] | None:
+        """The registry row of ``version`` (None for the base or an unknown version)."""
+        if version is None:
+            return None
+        with self._db() as con:
+            row = con.execute("SELECT * FROM adapter_versions WHERE version = ?", (version,)).fetchone()
+        return dict(row) if row else None
+
     def restore_active(self) -> str | None:
         """After a restart: activate the promoted adapter recorded in SQLite, if its files are intact."""
         version = self.active_version()
@@ -155,6 +173,12 @@ class LearnerManager:
             self._update_pause()
             if not self._proc.is_alive():
                 self._finish_round()
+            return
+        if self._offer is not None:
+            # An offered candidate (the fleet's global) is judged before any new training, and
+            # whether or not this box trains itself.
+            self._start_round("offered", evaluate=self._offer)
+            self._offer = None
             return
         if not self.settings.enabled and not self._manual:
             return
@@ -186,6 +210,15 @@ class LearnerManager:
             "version": self._spec.version if self._spec else None,
             "error": None if self._proc is not None else "no new labeled samples",
         }
+
+    def offer_candidate(self, adapter_dir: Path, version: str, origin: str = "fleet") -> bool:
+        """Judge an adapter trained elsewhere with the same gate as a local candidate, at the next
+        tick with no round running (a newer offer replaces one not yet started). False when that
+        version is already in the registry."""
+        if self.version_info(version) is not None:
+            return False
+        self._offer = (Path(adapter_dir), version, origin)
+        return True
 
     def cancel(self) -> dict[str, Any]:
         if self._proc is None:
@@ -376,15 +409,21 @@ class LearnerManager:
         else:
             self._pause_file.unlink(missing_ok=True)
 
-    def _start_round(self, reason: str) -> None:
+    def _start_round(self, reason: str, evaluate: tuple[Path, str, str] | None = None) -> None:
+        """A training round, or with ``evaluate`` = (dir, version, origin) an evaluation-only one."""
         active = self.active_version()
-        version = f"v{int(time.time())}-{self.counters['rounds'] + 1}"
+        version = evaluate[1] if evaluate else f"v{int(time.time())}-{self.counters['rounds'] + 1}"
+        origin = evaluate[2] if evaluate else "local"
         s = self.settings
         anchor = self.anchor_dir()
+        out_dir = self.work_dir / f"candidate-{version}"
+        if evaluate is not None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.copytree(evaluate[0], out_dir)
         spec = RoundSpec(
             db_path=str(self.db_path),
             bundle_dir=str(self.bundle_dir),
-            out_dir=str(self.work_dir / f"candidate-{version}"),
+            out_dir=str(out_dir),
             result_path=str(self.work_dir / f"result-{version}.json"),
             version=version,
             parent_dir=str(self.adapters_dir / active) if active else None,
@@ -402,6 +441,8 @@ class LearnerManager:
             threads=s.threads,
             pause_file=str(self._pause_file),
             cancel_file=str(self._cancel_file),
+            frozen_a_seed=self.frozen_a_seed(),
+            evaluate_only=evaluate is not None,
         )
         self._cancel_file.unlink(missing_ok=True)
         proc = mp.get_context("spawn").Process(
@@ -409,9 +450,12 @@ class LearnerManager:
         )
         proc.start()
         self._proc, self._spec, self._manual = proc, spec, False
+        self._origin = origin
         self.counters["rounds"] += 1
         log.info("learner round %s started (%s), parent %s, pid %s", version, reason, active, proc.pid)
-        self.publish("round_started", {"version": version, "reason": reason, "parent": active})
+        self.publish(
+            "round_started", {"version": version, "reason": reason, "parent": active, "origin": origin}
+        )
 
     def _finish_round(self) -> None:
         proc, spec = self._proc, self._spec
@@ -453,11 +497,12 @@ class LearnerManager:
             "seconds": result.get("seconds"),
             "peak_rss_mb": result.get("peak_rss_mb"),
         }
-        self._register(spec, result, decision, metrics, candidate_dir)
+        decision = self._register(spec, result, decision, metrics, candidate_dir)
         self.publish(
             "round_finished",
             {
                 "version": spec.version,
+                "origin": self._origin,
                 "status": "promoted" if decision.promote else "rejected",
                 "reasons": decision.reasons,
                 "candidate_accuracy": candidate.get("all", policy.EvalReport(0, {}, 0)).accuracy,
@@ -472,7 +517,7 @@ class LearnerManager:
         decision: policy.GateDecision,
         metrics: dict[str, Any],
         candidate_dir: Path,
-    ) -> None:
+    ) -> policy.GateDecision:
         now = time.time()
         final_dir = self.adapters_dir / spec.version
         parent = Path(spec.parent_dir).name if spec.parent_dir else None
@@ -484,11 +529,14 @@ class LearnerManager:
                 decision = policy.GateDecision(False, [f"activation failed: {e}"])
         status = "promoted" if decision.promote else "rejected"
         seen = max(self._since_id(), int(result.get("max_sample_id") or 0))
+        # An adapter not trained here stands, in the box's data lineage, where the active one did:
+        # the next local round trains on what came after it.
+        data_to = spec.since_sample_id if spec.evaluate_only else result.get("max_sample_id")
         with self._db() as con:
             con.execute("BEGIN IMMEDIATE")
             con.execute(
                 "INSERT INTO adapter_versions(version, parent, path, status, reason, metrics, data_from_id, data_to_id,"
-                " n_new, n_replay, created_at, promoted_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " n_new, n_replay, created_at, promoted_at, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     spec.version,
                     parent,
@@ -497,11 +545,12 @@ class LearnerManager:
                     "; ".join(decision.reasons) or None,
                     json.dumps(metrics),
                     spec.since_sample_id,
-                    result.get("max_sample_id"),
+                    data_to,
                     result.get("n_new"),
                     result.get("n_replay"),
                     now,
                     now if decision.promote else None,
+                    self._origin,
                 ),
             )
             # Samples seen by this round count as trained, promoted or not: a refused candidate
@@ -526,6 +575,7 @@ class LearnerManager:
             if final_dir.exists() and not decision.promote:
                 shutil.rmtree(final_dir, ignore_errors=True)
             log.warning("adapter %s rejected by the gate: %s", spec.version, "; ".join(decision.reasons))
+        return decision
 
     def _prune(self) -> None:
         """Bounded history: keep the newest ``keep_versions`` promoted/retired adapters on disk."""

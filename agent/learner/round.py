@@ -53,6 +53,10 @@ class RoundSpec:
     seed: int = 0
     pause_file: str | None = None  # present while the daemon wants the learner to yield
     cancel_file: str | None = None  # present when the round must stop
+    frozen_a_seed: int | None = None  # the fleet's seed when it aggregates with A frozen (FFA-LoRA)
+    # A candidate that was not trained here (the fleet's global adapter, already in out_dir): the
+    # round only evaluates it, beside the active adapter, for the same gate.
+    evaluate_only: bool = False
 
 
 @dataclass
@@ -155,6 +159,10 @@ def run_round(spec: RoundSpec) -> RoundResult:
     from agent.learner.train import TrainConfig, TrainingCancelled, train_adapter
 
     labels = load_manifest(Path(spec.bundle_dir)).labels
+    if spec.evaluate_only:
+        result = RoundResult("trained", spec.version, max_sample_id=0)
+        _evaluate(spec, labels, result)
+        return result
     texts, labs, n_new, n_replay, max_id = read_training_set(
         spec.db_path, labels, spec.since_sample_id, spec.max_train_samples, spec.replay_fraction, spec.seed
     )
@@ -198,6 +206,7 @@ def run_round(spec: RoundSpec) -> RoundResult:
             val=val,
             should_stop=(lambda: cancel.exists()) if cancel is not None else None,
             wait_if_paused=wait_if_paused,
+            frozen_a_seed=spec.frozen_a_seed,
         )
     except TrainingCancelled as e:
         result.status, result.message = "cancelled", str(e)
@@ -209,6 +218,13 @@ def run_round(spec: RoundSpec) -> RoundResult:
         tr.seconds,
         _peak_rss_mb(),
     )
+    _evaluate(spec, labels, result)
+    result.status, result.steps, result.seconds = "trained", tr.steps, tr.seconds
+    return result
+
+
+def _evaluate(spec: RoundSpec, labels: list[str], result: RoundResult) -> None:
+    """Candidate (in ``out_dir``) and active adapter on the holdout slices the gate compares."""
     older, recent = read_holdout(spec.db_path, labels, spec.since_sample_id)
     slices = {"older": older, "recent": recent, "all": older + recent}
     result.candidate = {
@@ -225,8 +241,6 @@ def run_round(spec: RoundSpec) -> RoundResult:
         len(older) + len(recent),
         _peak_rss_mb(),
     )
-    result.status, result.steps, result.seconds = "trained", tr.steps, tr.seconds
-    return result
 
 
 def _peak_rss_mb() -> float:

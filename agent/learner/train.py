@@ -68,8 +68,15 @@ def train_adapter(
     val: tuple[list[str], list[str]] | None = None,
     should_stop: Callable[[], bool] | None = None,
     wait_if_paused: Callable[[], None] | None = None,
+    frozen_a_seed: int | None = None,
 ) -> TrainResult:
-    """Train LoRA + head on (texts, labels) and write a PEFT adapter directory with our manifest."""
+    """Train LoRA + head on (texts, labels) and write a PEFT adapter directory with our manifest.
+
+    With ``frozen_a_seed`` (a fleet aggregating with FFA-LoRA) every ``lora_A`` is the fleet's
+    frozen matrix for that seed and is not trained: only B and the head learn, so the fleet's
+    average of B is exact. An ``init_adapter`` trained with other A factors cannot continue under
+    that A (B·A would change meaning): training then starts LoRA afresh and keeps its head.
+    """
     import torch
     from transformers import AutoTokenizer
 
@@ -85,7 +92,21 @@ def train_adapter(
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(Path(bundle_dir) / "tokenizer")
+    head_from = None
+    if (
+        frozen_a_seed is not None
+        and init_adapter is not None
+        and not _has_frozen_a(init_adapter, frozen_a_seed)
+    ):
+        log.info(
+            "%s was not trained with the fleet's frozen A: LoRA starts afresh, the head is kept", init_adapter
+        )
+        init_adapter, head_from = None, init_adapter
     model = new_peft_model(bundle_dir, manifest, init_adapter)
+    if head_from is not None:
+        _load_head(model, head_from)
+    if frozen_a_seed is not None:
+        _freeze_lora_a(model, frozen_a_seed)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     # A frozen anchor model only where something reads it: distillation, or theta* of a given
     # adapter. Without an adapter theta* is the starting point, read off the model itself.
@@ -229,3 +250,45 @@ def _distill_loss(logits, teacher, batch, y, temperature: float):
     return F.kl_div(
         F.log_softmax(logits[keep] / t, -1), F.softmax(t_logits[keep] / t, -1), reduction="batchmean"
     ) * (t * t)
+
+
+def _file_key(param_name: str) -> str:
+    """A peft parameter name as ``save_pretrained`` writes it (and as the fleet seeds A by)."""
+    return param_name.replace(".modules_to_save.default", "").replace(".default", "")
+
+
+def _has_frozen_a(adapter_dir: Path, seed: int) -> bool:
+    from safetensors.numpy import load_file
+
+    from agent.fed.strategies import frozen_lora_a
+
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    a_keys = [k for k in tensors if k.endswith(".lora_A.weight")]
+    return bool(a_keys) and all(
+        np.array_equal(tensors[k], frozen_lora_a(seed, k, *tensors[k].shape)) for k in a_keys
+    )
+
+
+def _freeze_lora_a(model, seed: int) -> None:
+    import torch
+
+    from agent.fed.strategies import frozen_lora_a
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.copy_(torch.from_numpy(frozen_lora_a(seed, _file_key(name), *p.shape)))
+                p.requires_grad_(False)
+
+
+def _load_head(model, adapter_dir: Path) -> None:
+    """Copy the classifier head of another adapter into ``model`` (the LoRA factors stay as they are)."""
+    import torch
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = _file_key(name)
+            if ".classifier." in name and p.requires_grad and key in tensors:
+                p.copy_(torch.from_numpy(tensors[key]))

@@ -128,7 +128,7 @@ class Peer:
     ) -> None:
         topic = (
             suffix_or_topic
-            if suffix_or_topic.startswith(("edge/", "$", "reply/"))
+            if suffix_or_topic.startswith(("edge/", "$", "reply/", "fed/"))
             else BASE + suffix_or_topic
         )
         if isinstance(payload, (dict, list)):
@@ -147,7 +147,11 @@ class Peer:
         self, suffix_or_topic: str, pred: Callable[[Any], bool] | None = None, timeout: float = 10.0
     ) -> Received:
         """The first message on the topic (matching ``pred`` on its JSON) received so far or within timeout."""
-        topic = suffix_or_topic if suffix_or_topic.startswith(("edge/", "reply/")) else BASE + suffix_or_topic
+        topic = (
+            suffix_or_topic
+            if suffix_or_topic.startswith(("edge/", "reply/", "fed/"))
+            else BASE + suffix_or_topic
+        )
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -189,18 +193,23 @@ def write_agent_config(
     data_dir: Path,
     extra: str = "",
     engine: str = ENGINE_FP32_ONE_THREAD,
+    *,
+    site: str = SITE,
+    device: str = DEVICE,
+    port: int | None = None,
 ) -> Path:
+    """A bootstrap file for a box on ``broker`` (or on ``port`` of the same host: a relay)."""
     path.write_text(
         f"""\
-site = "{SITE}"
-device = "{DEVICE}"
+site = "{site}"
+device = "{device}"
 data_dir = "{data_dir}"
 bundle = "{bundle}"
 log_level = "INFO"
 
 [broker]
 host = "{broker.host}"
-port = {broker.port}
+port = {port or broker.port}
 keepalive_s = 5
 reconnect_min_delay_s = 0.2
 reconnect_max_delay_s = 1.0
@@ -287,7 +296,14 @@ class NotifyListener:
 class AgentProcess:
     """``edge-agent run`` as a child process, for what only a process can show: signals, kill -9."""
 
-    def __init__(self, config_path: Path, workdir: Path, watchdog_usec: int | None = 2_000_000):
+    def __init__(
+        self,
+        config_path: Path,
+        workdir: Path,
+        watchdog_usec: int | None = 2_000_000,
+        command: tuple[str, ...] = ("run",),
+    ):
+        """``edge-agent {command} --config PATH``: the daemon, or e.g. ``("aggregator", "run")``."""
         self.config_path = config_path
         self.workdir = workdir
         self.log_path = workdir / f"agent-{uuid.uuid4().hex[:6]}.log"
@@ -297,7 +313,7 @@ class AgentProcess:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config_path)],
+            [sys.executable, "-m", "agent.cli", *command, "--config", str(config_path)],
             cwd=ROOT,
             env=env,
             stdout=self._log,

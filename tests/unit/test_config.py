@@ -177,7 +177,7 @@ def test_runtime_rejects_with_key_paths():
             "inference": {"max_batch": 0, "top_k": "3"},
             "store": {"holdout_fraction": 0.9},
             "learning": {"schedule": ["7:00"], "drift": {"window": True}},
-            "sync": {"enabled": True},
+            "sync": {"participation": 2},
             "nope": {},
         },
     )
@@ -189,7 +189,7 @@ def test_runtime_rejects_with_key_paths():
             "store.holdout_fraction",
             "learning.schedule",
             "learning.drift.window",
-            "sync",
+            "sync.participation",
             "nope",
         ]
     )

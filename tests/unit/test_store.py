@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -64,7 +65,10 @@ def test_open_migrates_once_and_uses_wal(tmp_path):
     assert rows(s, "PRAGMA journal_mode")[0][0] == "wal"
     s.close()
     s2 = Store(path).open()  # second open: nothing pending, nothing re-created
-    assert [r[0] for r in rows(s2, "SELECT name FROM _sqlite_migrations")] == ["m001_initial"]
+    assert [r[0] for r in rows(s2, "SELECT name FROM _sqlite_migrations")] == [
+        "m001_initial",
+        "m002_outbox_for_uploads",
+    ]
     s2.close()
 
 
@@ -272,12 +276,27 @@ def test_command_audit_answers_redelivery_from_the_record(store):
     assert store.begin_command("c1", "status", {}) == {"ok": True, "result": {"x": 1}}
 
 
-def test_outbox(store):
-    i = store.outbox_put("fed/f/up/d", b"\x00\x01")
-    store.outbox_put("fed/f/up/d", b"2")
-    assert [r["id"] for r in store.outbox_pending()] == [i, i + 1]
-    store.outbox_mark_sent([i])
-    assert [r["payload"] for r in store.outbox_pending()] == [b"2"]
+def test_outbox_waits_for_the_far_side_and_keeps_to_its_quota(store):
+    meta = {"upload_id": "u1"}
+    assert store.outbox_put("upload", "u1", "fed/f/up/d", meta, b"\x00" * 600, max_bytes=1000) == []
+    assert (
+        store.outbox_put("upload", "u1", "fed/f/up/d", meta, b"again", max_bytes=1000) == []
+    )  # same key: no-op
+    assert [r["key"] for r in store.outbox_due(resend_after_s=30)] == ["u1"]
+    (row,) = store.outbox_due(resend_after_s=30)
+    store.outbox_attempted(row["id"])
+    assert store.outbox_due(resend_after_s=30) == []  # sent moments ago: not due
+    assert [r["key"] for r in store.outbox_due(resend_after_s=30, now=time.time() + 31)] == ["u1"]
+    # A second upload that does not fit beside the first pushes it out (oldest first).
+    assert store.outbox_put("upload", "u2", "fed/f/up/d", {}, b"\x01" * 600, max_bytes=1000) == ["u1"]
+    assert store.outbox_stats()["queued"] == 1 and store.outbox_stats()["queued_bytes"] == 600
+    with pytest.raises(ValueError):
+        store.outbox_put("upload", "u3", "fed/f/up/d", {}, b"\x02" * 2000, max_bytes=1000)
+    assert store.outbox_ack("u2", {"status": "accepted"}) is True
+    assert store.outbox_ack("u2", {"status": "accepted"}) is False  # already settled
+    assert store.outbox_due(resend_after_s=0, now=time.time() + 1e6) == []
+    assert store.outbox_find("u2")["result"] == {"status": "accepted"}
+    assert store.outbox_stats()["queued"] == 0
 
 
 def test_snapshot_is_a_consistent_copy(store, tmp_path):
