@@ -229,6 +229,8 @@ class EdgeAgent:
         )
         learner = self.learner
         self.reporter.add_section("learner", lambda: learner.status() if learner is not None else None)
+        # What the broker queued while the agent was away, what it dropped, the outage it is sized for.
+        self.reporter.add_section("mqtt", self.transport.stats)
         self.commands.register("status", lambda args: self.reporter.status())
         self.commands.register("reload_config", lambda args: self.reload_config())
         self.commands.register("snapshot", lambda args: self.snapshot())

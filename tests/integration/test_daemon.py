@@ -211,6 +211,9 @@ def test_commands(start_agent, peer, agent_config, tmp_path):
         and status["result"]["state"] == "online"
         and status["result"]["labels"] == sorted(TINY_LABELS)
     )
+    # The outage the shipped broker config is sized for, and what the broker queued or dropped.
+    mqtt = status["result"]["mqtt"]
+    assert mqtt["shipped_broker_queue"]["covered_outage_s"] == 3600 and mqtt["sessions_new"] == 1
 
     peer.publish("cmd", {"id": "c2", "cmd": "snapshot"})
     snap = peer.expect("cmd/res", lambda m: m["id"] == "c2").json
