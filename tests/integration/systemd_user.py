@@ -13,6 +13,7 @@ emptied and removed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -57,13 +58,13 @@ def usable() -> str | None:
 
 
 class UserManager:
-    """``systemd --user`` with ``config_home`` as ``$XDG_CONFIG_HOME`` (%E) and ``state_home`` as
-    its state directory root (%S)."""
+    """``systemd --user`` with ``config_home`` as ``$XDG_CONFIG_HOME`` and ``$XDG_STATE_HOME``: a
+    unit's %E and %S (systemd 252 puts StateDirectory= of user units under $XDG_CONFIG_HOME, later
+    versions under $XDG_STATE_HOME; both the same here, so %S/edge-agent is %E/edge-agent)."""
 
-    def __init__(self, workdir: Path, config_home: Path, state_home: Path):
+    def __init__(self, workdir: Path, config_home: Path):
         self.workdir = workdir
         self.config_home = config_home
-        self.state_home = state_home
         self.runtime = workdir / "runtime"
         self.runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.unit_dir = config_home / "systemd" / "user"
@@ -81,7 +82,7 @@ class UserManager:
             "HOME": str(workdir / "home"),
             "XDG_RUNTIME_DIR": str(self.runtime),
             "XDG_CONFIG_HOME": str(config_home),
-            "XDG_STATE_HOME": str(state_home),
+            "XDG_STATE_HOME": str(config_home),
             "XDG_DATA_HOME": str(workdir / "home" / "share"),
             "XDG_CACHE_HOME": str(workdir / "home" / "cache"),
             "LANG": "C.UTF-8",
@@ -181,10 +182,8 @@ class UserManager:
             if not pids:
                 break
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.1)
         for cg in self.cgroups:
             if cg.exists():

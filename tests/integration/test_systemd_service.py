@@ -1,0 +1,210 @@
+"""edge-agent.service run by real systemd: the tree `edge-agent install --root` lays out, the unit
+file as installed, a private ``systemd --user`` manager (tests/integration/systemd_user.py; PID 1
+here is not systemd). systemd waits for READY=1, watches the watchdog pings, kills a hung daemon
+and restarts it, and leaves a config error alone; the daemon runs inside the unit's sandbox.
+
+What differs from a box, in a drop-in and nowhere else: no User= (the user manager runs as root
+and the host has no edge-agent user), a 2 s watchdog and 2 s restart delay so the test is quick,
+the log to a file (no journald), and ``ProtectHome=tmpfs`` plus read-only binds where this
+machine keeps the Python interpreter or the checkout under /root or /home. DeviceAllow= and the
+memory/CPU limits need the system manager's cgroup controllers: a user manager here has none.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agent import exit_codes
+from agent.ops.install import InstallOptions, install
+from tests.integration import systemd_user
+from tests.integration.conftest import Peer, wait_until
+from tests.integration.systemd_user import UserManager
+
+ROOT = Path(__file__).resolve().parents[2]
+UNIT = "edge-agent.service"
+BASE = "edge/plant-a/line3-box1/"
+
+why_not = systemd_user.usable()
+pytestmark = pytest.mark.skipif(why_not is not None, reason=f"systemd user manager: {why_not}")
+
+
+class Box:
+    """An installed tree run by a user manager."""
+
+    def __init__(self, work: Path, broker, bundle: Path):
+        self.work = work
+        root = work / "root"
+        install(InstallOptions(root=root, gpu="none", bundle=bundle))
+        self.etc = root / "etc"
+        (self.etc / "systemd" / "user").symlink_to("system")
+        self.state = self.etc / "edge-agent"  # %S/edge-agent == %E/edge-agent (see UserManager)
+        self.config = self.etc / "edge-agent" / "edge-agent.toml"
+        self.secret = f"s3cret-{uuid.uuid4().hex[:6]}"
+        (self.etc / "edge-agent" / "credentials" / "mqtt-password").write_text(self.secret + "\n")
+        text = self.config.read_text()
+        for old, new in (
+            ('data_dir = "/var/lib/edge-agent"', f'data_dir = "{self.state}"'),
+            ('bundle = "/var/lib/edge-agent/bundle"', f'bundle = "{root}/var/lib/edge-agent/bundle"'),
+            ("port = 1884", f"port = {broker.port}"),
+            ('# username = "line3-box1"', 'username = "line3-box1"'),
+            ('# password_credential = "mqtt-password"', 'password_credential = "mqtt-password"'),
+        ):
+            assert old in text, old
+            text = text.replace(old, new)
+        self.good_config = text
+        self.config.write_text(self.good_config)
+        self.log = work / "agent.log"
+        home_paths = sorted(
+            {
+                str(p)
+                for p in (Path(sys.base_prefix).resolve(), ROOT)
+                if p.is_relative_to("/root") or p.is_relative_to("/home")
+            }
+        )
+        home = f"ProtectHome=tmpfs\nBindReadOnlyPaths={' '.join(home_paths)}\n" if home_paths else ""
+        drop_in = self.etc / "systemd" / "system" / f"{UNIT}.d"
+        drop_in.mkdir(parents=True, exist_ok=True)
+        (drop_in / "test.conf").write_text(
+            f"[Service]\nUser=\nGroup=\nWatchdogSec=2\nRestartSec=2\nLimitCORE=0\n{home}"
+            f"StandardOutput=append:{self.log}\nStandardError=inherit\n"
+        )
+        self.m = UserManager(work, self.etc).start()
+        self.m.systemctl("daemon-reload")
+
+    def props(self, *names: str) -> dict[str, str]:
+        return self.m.show(UNIT, *names)
+
+    def agent_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@pytest.fixture
+def box(broker, tiny_bundle):
+    # Not under /tmp: the unit's PrivateTmp= would hide the tree from the daemon.
+    work = ROOT / "build" / "systemd-tests" / uuid.uuid4().hex[:8]
+    work.mkdir(parents=True)
+    b = None
+    try:
+        b = Box(work, broker, tiny_bundle)
+        yield b
+    finally:
+        if b is not None:
+            b.m.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    return dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line
+    )
+
+
+def mounts(pid: int) -> dict[str, str]:
+    """mount point -> mount options, as the process sees them."""
+    out = {}
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        out[fields[4]] = fields[5]
+    return out
+
+
+def test_reaches_ready_feeds_the_watchdog_in_its_sandbox_and_stops_cleanly(box, broker):
+    started = time.monotonic()
+    box.m.systemctl("start", UNIT)  # Type=notify: returns once the daemon sent READY=1
+    p = box.props("ActiveState", "SubState", "MainPID", "WatchdogUSec", "WatchdogTimestampMonotonic")
+    assert (p["ActiveState"], p["SubState"]) == ("active", "running"), box.agent_log()
+    assert p["WatchdogUSec"] == "2s"
+    pid = int(p["MainPID"])
+    assert "engine ready" in box.agent_log()  # READY came after the engine, not before
+    # pings keep coming: the watchdog timestamp moves on, again and again
+    seen = {int(p["WatchdogTimestampMonotonic"])}
+    wait_until(
+        lambda: (
+            seen.add(int(box.props("WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]))
+            or len(seen) >= 4
+        ),
+        timeout=10,
+        what="3 more watchdog pings",
+    )
+    wait_until(
+        lambda: box.props("StatusText")["StatusText"].startswith("connected to"), what="STATUS=connected"
+    )
+
+    # the unit's sandbox is real for this process
+    st = proc_status(pid)
+    assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2"
+    assert int(st["CapEff"], 16) == 0  # CapabilityBoundingSet= empties even root's set
+    mine, its = mounts(os.getpid()), mounts(pid)
+    assert "ro" in its["/"].split(",")  # ProtectSystem=strict
+    assert "rw" in its[str(box.state)].split(",")  # StateDirectory= stays writable
+    assert "/tmp" in its and "/tmp" not in mine  # PrivateTmp=
+    # LoadCredential=: systemd copied the password for this service only; the daemon logged in with it
+    env = dict(
+        x.split("=", 1) for x in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in x
+    )
+    creds = Path(f"/proc/{pid}/root") / env["CREDENTIALS_DIRECTORY"].lstrip("/")
+    assert (creds / "mqtt-password").read_text().strip() == box.secret
+    assert (creds / "fleet.pub").exists()
+    # and it serves requests from in there
+    peer = Peer(broker).subscribe(BASE + "#")
+    try:
+        peer.publish(BASE + "infer/req", {"id": "sd-1", "text": "motor M4 overheating"})
+        res = peer.expect(BASE + "infer/res", lambda m: m.get("id") == "sd-1", timeout=20).json
+        assert res["predictions"][0]["label"]
+    finally:
+        peer.close()
+
+    box.m.systemctl("stop", UNIT)
+    p = box.props("ActiveState", "Result", "ExecMainStatus", "NRestarts")
+    assert (p["ActiveState"], p["Result"], p["ExecMainStatus"], p["NRestarts"]) == (
+        "inactive",
+        "success",
+        "0",
+        "0",
+    )
+    assert "stopped cleanly" in box.agent_log()
+    assert time.monotonic() - started < 60
+
+
+def test_watchdog_kills_a_hung_daemon_and_systemd_restarts_it(box):
+    box.m.systemctl("start", UNIT)
+    first = int(box.props("MainPID")["MainPID"])
+    os.kill(first, signal.SIGSTOP)  # hung: no more pings
+    results: set[str] = set()
+
+    def restarted() -> bool:
+        p = box.props("Result", "NRestarts", "ActiveState", "SubState", "MainPID")
+        results.add(p["Result"])
+        return p["NRestarts"] == "1" and p["SubState"] == "running" and int(p["MainPID"]) not in (0, first)
+
+    wait_until(restarted, timeout=60, interval=0.1, what="restart after the watchdog fired")
+    assert "watchdog" in results, results  # systemd's verdict on the hung run
+    assert not Path(f"/proc/{first}").exists()
+    assert box.agent_log().count("engine ready") == 2
+
+
+def test_config_error_is_not_restarted(box):
+    box.config.write_text(box.good_config.replace('host = "127.0.0.1"', 'host = ""'))
+    run = box.m.systemctl("start", UNIT, check=False)
+    assert run.returncode != 0
+    p = box.props("ActiveState", "Result", "ExecMainStatus", "NRestarts")
+    assert (p["ActiveState"], p["ExecMainStatus"]) == ("failed", str(exit_codes.CONFIG_ERROR)), (
+        box.agent_log()
+    )
+    time.sleep(4)  # two RestartSec= periods: RestartPreventExitStatus= keeps it down
+    p = box.props("ActiveState", "NRestarts")
+    assert (p["ActiveState"], p["NRestarts"]) == ("failed", "0")
+    assert "broker.host" in box.agent_log()
+    # fixed, it starts
+    box.config.write_text(box.good_config)
+    box.m.systemctl("reset-failed", UNIT)
+    box.m.systemctl("start", UNIT)
+    assert box.props("ActiveState")["ActiveState"] == "active"
