@@ -360,35 +360,16 @@ class Aggregator:
             self._announced = r.id
 
     def _aggregate(self, r: Round) -> None:
-        rows = self.store.round_uploads(r.id)
-        freezes_a = strategies.STRATEGIES[r.strategy].freezes_a
-        frozen = self._frozen_a() if freezes_a else None
+        norms = self.store.round_norms(r.id)
         excluded: dict[str, str] = {}
         factor = self.config.rounds.outlier_factor
-        if factor is not None and len(rows) >= 3:
-            median = float(np.median([row["norm"] for row in rows]))
-            for row in rows:
-                if row["norm"] > factor * median:
-                    excluded[row["upload_id"]] = (
-                        f"norm {row['norm']:.3g} > {factor} x the round's median {median:.3g}"
-                    )
-        kept = [row for row in rows if row["upload_id"] not in excluded]
-        updates = [
-            strategies.ClientUpdate(tensors_from_bytes(row["tensors"]), int(row["num_examples"]))
-            for row in kept
-        ]
-        params: dict[str, Any] = {}
-        spec = strategies.STRATEGIES[r.strategy]
-        if freezes_a:
-            params["frozen_a"] = frozen
-        if spec.takes_rank:
-            params["rank"] = self.config.rounds.rank or self.spec.rank
-        if spec.combine == "trimmed_mean":
-            params["trim_fraction"] = self.config.rounds.trim_fraction
-        if self.config.rounds.clip_median_factor is not None:
-            params["clip_median_factor"] = self.config.rounds.clip_median_factor
+        if factor is not None and len(norms) >= 3:
+            median = float(np.median([n for _, _, n in norms]))
+            for upload_id, _, norm in norms:
+                if norm > factor * median:
+                    excluded[upload_id] = f"norm {norm:.3g} > {factor} x the round's median {median:.3g}"
         t0 = time.perf_counter()
-        tensors = strategies.aggregate(r.strategy, updates, **params)
+        tensors, participants, num_examples = self._combine(r, excluded)
         seconds = time.perf_counter() - t0
         self.spec.check_tensors(tensors, sorted(self.spec.shapes))
         blob = tensors_to_bytes(tensors)
@@ -401,8 +382,8 @@ class Aggregator:
             strategy=r.strategy,
             lora_seed=r.lora_seed,
             labels=list(self.spec.labels),
-            num_examples=sum(u.num_examples for u in updates),
-            participants=len(updates),
+            num_examples=num_examples,
+            participants=len(participants),
             blob=version,
             sha256=sha256_hex(blob),
             size=len(blob),
@@ -411,9 +392,9 @@ class Aggregator:
         )
         signed = sign_manifest(manifest.model_dump(exclude={"key_id", "signature"}), self.key)
         result = {
-            "participants": [row["device"] for row in kept],
+            "participants": participants,
             "excluded": excluded,
-            "num_examples": manifest.num_examples,
+            "num_examples": num_examples,
             "aggregate_s": round(seconds, 4),
         }
         self.store.close_round(r.id, result, version, signed, blob, excluded)
@@ -422,16 +403,63 @@ class Aggregator:
         log.info(
             "round %d aggregated: %d uploads (%d left out) in %.3fs -> %s",
             r.id,
-            len(kept),
+            len(participants),
             len(excluded),
             seconds,
             version,
         )
-        for row in rows:
-            if row["upload_id"] in excluded:
-                answer = self._refused(row["upload_id"], "outlier_norm", excluded[row["upload_id"]])
-                self.transport.publish(self.topics.result(row["device"]), answer)
+        for upload_id, device, _ in norms:
+            if upload_id in excluded:
+                answer = self._refused(upload_id, "outlier_norm", excluded[upload_id])
+                self.transport.publish(self.topics.result(device), answer)
         self._publish_global(r.id, signed, blob)
+
+    def _combine(self, r: Round, excluded: dict[str, str]) -> tuple[dict[str, np.ndarray], list[str], int]:
+        """The round's global tensors, the devices in it and their examples. Weighted-mean strategies
+        stream the uploads through partial sums (one adapter's worth of memory, whatever the fleet's
+        size); median and trimmed mean need every upload at once."""
+        spec = strategies.STRATEGIES[r.strategy]
+        cfg = self.config.rounds
+        frozen = self._frozen_a() if spec.freezes_a else None
+        participants: list[str] = []
+        num_examples = 0
+
+        def updates(batch: list[dict[str, Any]]) -> list[strategies.ClientUpdate]:
+            nonlocal num_examples
+            out = []
+            for row in batch:
+                if row["upload_id"] in excluded:
+                    continue
+                participants.append(row["device"])
+                num_examples += int(row["num_examples"])
+                out.append(
+                    strategies.ClientUpdate(tensors_from_bytes(row["tensors"]), int(row["num_examples"]))
+                )
+            return out
+
+        rank = (cfg.rank or self.spec.rank) if spec.takes_rank else None
+        if spec.associative and cfg.clip_median_factor is None:
+            parts = []
+            for batch in self.store.iter_round_uploads(r.id):
+                ups = updates(batch)
+                if ups:
+                    parts.append(strategies.partial_sum(ups, r.strategy, frozen_a=frozen))
+            return (
+                strategies.finalize(strategies.merge(*parts), r.strategy, rank=rank),
+                participants,
+                num_examples,
+            )
+        every = [u for batch in self.store.iter_round_uploads(r.id) for u in updates(batch)]
+        params: dict[str, Any] = {}
+        if frozen is not None:
+            params["frozen_a"] = frozen
+        if rank is not None:
+            params["rank"] = rank
+        if spec.combine == "trimmed_mean":
+            params["trim_fraction"] = cfg.trim_fraction
+        if cfg.clip_median_factor is not None:
+            params["clip_median_factor"] = cfg.clip_median_factor
+        return strategies.aggregate(r.strategy, every, **params), participants, num_examples
 
     def _publish_global(self, round_id: int, manifest: dict[str, Any], blob: bytes) -> None:
         frames = split_blob(

@@ -258,13 +258,13 @@ class SyncClient:
             self._refuse("result", e.code, str(e))
             return
         settled = self.store.outbox_ack(res.upload_id, res.model_dump())
-        if not settled:
-            return  # an answer to a re-sent upload, already settled
-        self.counters.inc("sync_uploads", res.status if not res.late else "late")
         if res.status == "refused":
+            # Also after an earlier "accepted": the aggregator may leave an outlier out of the round.
+            self.counters.inc("sync_uploads", "refused")
             log.warning("upload %s refused by the aggregator: %s: %s", res.upload_id, res.code, res.reason)
             self._event("upload_refused", upload_id=res.upload_id, code=res.code, reason=res.reason)
-        else:
+        elif settled:  # not the answer to a re-sent upload, already settled
+            self.counters.inc("sync_uploads", "late" if res.late else res.status)
             log.info(
                 "upload %s %s for round %s%s",
                 res.upload_id,

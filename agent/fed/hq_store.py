@@ -190,14 +190,28 @@ class HqStore:
         with self.tx() as conn:
             conn.execute("UPDATE rounds SET deadline = ? WHERE id = ?", (deadline, round_id))
 
-    def round_uploads(self, round_id: int) -> list[dict[str, Any]]:
+    def round_norms(self, round_id: int) -> list[tuple[str, str, float]]:
+        """(upload id, device, update norm) of the round's accepted uploads: cheap, no tensors."""
         rows = self.read(
-            "SELECT upload_id, device, num_examples, norm, tensors, adapter_version FROM uploads "
-            "WHERE round_id = ? AND status = 'accepted' ORDER BY id",
+            "SELECT upload_id, device, norm FROM uploads WHERE round_id = ? AND status = 'accepted' ORDER BY id",
             (round_id,),
         )
-        keys = ("upload_id", "device", "num_examples", "norm", "tensors", "adapter_version")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+        return [(r[0], r[1], float(r[2])) for r in rows]
+
+    def iter_round_uploads(self, round_id: int, batch: int = 128) -> Iterator[list[dict[str, Any]]]:
+        """The round's accepted uploads with their tensors, ``batch`` at a time (memory stays bounded)."""
+        keys = ("upload_id", "device", "num_examples", "tensors")
+        last = 0
+        while True:
+            rows = self.read(
+                "SELECT id, upload_id, device, num_examples, tensors FROM uploads "
+                "WHERE round_id = ? AND status = 'accepted' AND id > ? ORDER BY id LIMIT ?",
+                (round_id, last, batch),
+            )
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [dict(zip(keys, r[1:], strict=True)) for r in rows]
 
     def count_uploads(self, round_id: int) -> int:
         return int(

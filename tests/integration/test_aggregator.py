@@ -181,3 +181,21 @@ def test_two_workers_share_the_uploads(hq, broker, tiny_bundle, tmp_path, keys):
     for p in (a, b):
         p.terminate()
         assert p.wait() == 0
+
+
+def test_an_outlier_is_left_out_of_a_robust_round_and_told_why(hq, broker, tiny_bundle, keys):
+    hq(strategy="ffa_lora_trimmed_mean", min_uploads=4)
+    peer = Peer(broker).subscribe(T.base + "#")
+    peer.expect(T.round, lambda m: m["round"] == 1 and m["strategy"] == "ffa_lora_trimmed_mean")
+    for i in range(4):
+        d = f"b{i}"
+        t = box_tensors(tiny_bundle, i, scale=100.0 if i == 3 else 1.0, strategy="ffa_lora_trimmed_mean")
+        publish(
+            peer, d, upload_frames(tiny_bundle, d, t, upload_id=f"u-{d}", strategy="ffa_lora_trimmed_mean")
+        )
+        assert answer(peer, d, f"u-{d}")["status"] == "accepted"  # no absolute bound configured
+    manifest, glob = read_global(peer, keys[1])
+    assert manifest["participants"] == 3
+    res = answer(peer, "b3", "u-b3", "refused")
+    assert res["code"] == "outlier_norm" and "median" in res["reason"]
+    assert all(np.isfinite(v).all() and np.abs(v).max() < 1.0 for v in glob.values())
