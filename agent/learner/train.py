@@ -42,6 +42,9 @@ class TrainConfig:
     distill_weight: float = 0.0  # weight of the KL term toward the anchor model's predictions
     distill_temperature: float = 2.0
     patience: int = 2  # epochs without validation gain before stopping
+    # Stop after this many optimizer steps (None: no cap). A budget in steps, not epochs, gives a
+    # small site as many updates as a large one (the fleet benchmark); 0 writes the start adapter.
+    max_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class TrainResult:
     seconds: float
     final_loss: float
     best_val_accuracy: float | None
-    stopped: str  # "epochs" | "early_stop" | "time_budget"
+    stopped: str  # "epochs" | "early_stop" | "time_budget" | "max_steps"
 
 
 def train_adapter(
@@ -148,6 +151,9 @@ def train_adapter(
     for epoch in range(1, config.epochs + 1):  # noqa: B007 - epoch is reported after the loop
         order = rng.permutation(len(texts))
         for b in range(0, len(order), config.batch_size):
+            if config.max_steps is not None and steps >= config.max_steps:
+                stopped = "max_steps"
+                break
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(f"cancelled after {steps} steps")
             if wait_if_paused is not None:
@@ -171,6 +177,9 @@ def train_adapter(
             loss_value = float(loss.detach())
             if config.time_budget_s and time.perf_counter() - start > config.time_budget_s:
                 stopped = "time_budget"
+                break
+            if config.max_steps is not None and steps >= config.max_steps:
+                stopped = "max_steps"
                 break
         if val is not None and val[0]:
             # A tie goes to the later epoch: a round's validation split holds ~40 rows, so accuracy
