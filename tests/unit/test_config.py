@@ -276,3 +276,29 @@ def test_config_error_exit_code_is_listed_in_the_unit():
 def test_bootstrap_types_are_not_coerced(tmp_path):
     errors = validate_config_file(write(tmp_path, MINIMAL + 'port = "1883"\nkeepalive_s = 30.5\n'))
     assert sorted(e.split(":")[0] for e in errors) == ["broker.keepalive_s", "broker.port"]
+
+
+def test_example_hq_config_loads_and_bad_ones_say_where(tmp_path):
+    from agent.fed.hq_config import load_hq_config
+
+    hq = load_hq_config(ROOT / "examples" / "hq.toml")
+    assert hq.fleet == "plant-fleet" and hq.rounds.strategy == "ffa_lora"
+    assert hq.bundle.is_absolute() and hq.signing_key_file is not None and hq.signing_key_file.is_absolute()
+    bad = tmp_path / "hq.toml"
+    bad.write_text(
+        (ROOT / "examples" / "hq.toml").read_text().replace('strategy = "ffa_lora"', 'strategy = "fedmagic"')
+    )
+    with pytest.raises(ConfigError) as e:
+        load_hq_config(bad)
+    assert any("fedmagic" in line for line in e.value.errors)
+
+
+def test_fleet_section_needs_a_trusted_key(tmp_path):
+    text = EXAMPLE.read_text() + '\n[fleet]\nid = "f1"\n'
+    path = tmp_path / "box.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_bootstrap(path)
+    assert any(line.startswith("fleet") and "public_key" in line for line in e.value.errors)
+    path.write_text(text + 'public_key_files = ["keys/fleet.pub"]\n')
+    assert load_bootstrap(path).fleet.public_key_paths() == [tmp_path / "keys" / "fleet.pub"]
