@@ -5,8 +5,8 @@ and restarts it, and leaves a config error alone; the daemon runs inside the uni
 
 What differs from a box, in a drop-in and nowhere else: no User= (the user manager runs as root
 and the host has no edge-agent user), a 2 s watchdog and 2 s restart delay so the test is quick,
-the log to a file (no journald), and ``ProtectHome=tmpfs`` plus read-only binds where this
-machine keeps the Python interpreter or the checkout under /root or /home. DeviceAllow= and the
+the log to a file (no journald), and binds where this machine keeps the Python interpreter or
+the checkout under /root, /home or /tmp (``ProtectHome=tmpfs`` then). DeviceAllow= and the
 memory/CPU limits need the system manager's cgroup controllers: a user manager here has none.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -30,29 +31,65 @@ from tests.integration.systemd_user import UserManager
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = "edge-agent.service"
+HQ_UNIT = "edge-aggregator.service"
 BASE = "edge/plant-a/line3-box1/"
 
 why_not = systemd_user.usable()
 pytestmark = pytest.mark.skipif(why_not is not None, reason=f"systemd user manager: {why_not}")
 
 
-class Box:
-    """An installed tree run by a user manager."""
+HOME_DIRS = (Path("/root"), Path("/home"))  # ProtectHome= hides them
+TMP_DIRS = (Path("/tmp"), Path("/var/tmp"))  # PrivateTmp= replaces them
 
-    def __init__(self, work: Path, broker, bundle: Path):
+
+def write_test_drop_in(etc: Path, unit: str, log: Path, work: Path) -> None:
+    """What this machine needs on top of the installed unit (see the module docstring): the
+    interpreter and the checkout bound back in where the sandbox would hide them (a CI clone may
+    live under /root or /tmp), and the tree the test writes, writable."""
+
+    def hidden(p: Path) -> bool:
+        return any(p.is_relative_to(d) for d in (*HOME_DIRS, *TMP_DIRS))
+
+    read_only = sorted({str(p) for p in (Path(sys.base_prefix).resolve(), ROOT) if hidden(p)})
+    lines = ["[Service]", "User=", "Group=", "WatchdogSec=2", "RestartSec=2", "LimitCORE=0"]
+    if any(Path(p).is_relative_to(d) for p in [*read_only, str(work)] for d in HOME_DIRS):
+        lines.append("ProtectHome=tmpfs")  # an empty /root and /home the binds can go into
+    if read_only:
+        lines.append(f"BindReadOnlyPaths={' '.join(read_only)}")
+    if hidden(work):
+        lines.append(f"BindPaths={work}")
+    lines += [f"StandardOutput=append:{log}", "StandardError=inherit"]
+    drop_in = etc / "systemd" / "system" / f"{unit}.d"
+    drop_in.mkdir(parents=True, exist_ok=True)
+    (drop_in / "test.conf").write_text("\n".join(lines) + "\n")
+
+
+class Box:
+    """An installed tree (role box, or hq for the aggregator) run by a user manager."""
+
+    def __init__(self, work: Path, broker, bundle: Path, role: str = "box"):
         self.work = work
-        root = work / "root"
-        install(InstallOptions(root=root, gpu="none", bundle=bundle))
+        self.unit = UNIT if role == "box" else HQ_UNIT
+        self.root = root = work / "root"
+        install(InstallOptions(root=root, role=role, gpu="none", bundle=bundle))  # type: ignore[arg-type]
         self.etc = root / "etc"
         (self.etc / "systemd" / "user").symlink_to("system")
+        self.secret = f"s3cret-{uuid.uuid4().hex[:6]}"
+        self.log = work / "agent.log"
+        if role == "box":
+            self._box_config(broker)
+        write_test_drop_in(self.etc, self.unit, self.log, work)
+        self.m = UserManager(work, self.etc).start()
+        self.m.systemctl("daemon-reload")
+
+    def _box_config(self, broker) -> None:
         self.state = self.etc / "edge-agent"  # %S/edge-agent == %E/edge-agent (see UserManager)
         self.config = self.etc / "edge-agent" / "edge-agent.toml"
-        self.secret = f"s3cret-{uuid.uuid4().hex[:6]}"
         (self.etc / "edge-agent" / "credentials" / "mqtt-password").write_text(self.secret + "\n")
         text = self.config.read_text()
         for old, new in (
             ('data_dir = "/var/lib/edge-agent"', f'data_dir = "{self.state}"'),
-            ('bundle = "/var/lib/edge-agent/bundle"', f'bundle = "{root}/var/lib/edge-agent/bundle"'),
+            ('bundle = "/var/lib/edge-agent/bundle"', f'bundle = "{self.root}/var/lib/edge-agent/bundle"'),
             ("port = 1884", f"port = {broker.port}"),
             ('# username = "line3-box1"', 'username = "line3-box1"'),
             ('# password_credential = "mqtt-password"', 'password_credential = "mqtt-password"'),
@@ -61,44 +98,39 @@ class Box:
             text = text.replace(old, new)
         self.good_config = text
         self.config.write_text(self.good_config)
-        self.log = work / "agent.log"
-        home_paths = sorted(
-            {
-                str(p)
-                for p in (Path(sys.base_prefix).resolve(), ROOT)
-                if p.is_relative_to("/root") or p.is_relative_to("/home")
-            }
-        )
-        home = f"ProtectHome=tmpfs\nBindReadOnlyPaths={' '.join(home_paths)}\n" if home_paths else ""
-        drop_in = self.etc / "systemd" / "system" / f"{UNIT}.d"
-        drop_in.mkdir(parents=True, exist_ok=True)
-        (drop_in / "test.conf").write_text(
-            f"[Service]\nUser=\nGroup=\nWatchdogSec=2\nRestartSec=2\nLimitCORE=0\n{home}"
-            f"StandardOutput=append:{self.log}\nStandardError=inherit\n"
-        )
-        self.m = UserManager(work, self.etc).start()
-        self.m.systemctl("daemon-reload")
 
     def props(self, *names: str) -> dict[str, str]:
-        return self.m.show(UNIT, *names)
+        return self.m.show(self.unit, *names)
 
     def agent_log(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 @pytest.fixture
-def box(broker, tiny_bundle):
-    # Not under /tmp: the unit's PrivateTmp= would hide the tree from the daemon.
-    work = ROOT / "build" / "systemd-tests" / uuid.uuid4().hex[:8]
-    work.mkdir(parents=True)
-    b = None
+def make_box(broker, tiny_bundle):
+    made: list[tuple[Box | None, Path]] = []
+
+    def make(role: str = "box") -> Box:
+        # In the checkout, not the session's /tmp dir: the unit's PrivateTmp= would hide that.
+        work = ROOT / "build" / "systemd-tests" / uuid.uuid4().hex[:8]
+        work.mkdir(parents=True)
+        made.append((None, work))
+        b = Box(work, broker, tiny_bundle, role)
+        made[-1] = (b, work)
+        return b
+
     try:
-        b = Box(work, broker, tiny_bundle)
-        yield b
+        yield make
     finally:
-        if b is not None:
-            b.m.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        for b, work in made:
+            if b is not None:
+                b.m.stop()
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture
+def box(make_box) -> Box:
+    return make_box("box")
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -208,3 +240,70 @@ def test_config_error_is_not_restarted(box):
     box.m.systemctl("reset-failed", UNIT)
     box.m.systemctl("start", UNIT)
     assert box.props("ActiveState")["ActiveState"] == "active"
+
+
+def test_aggregator_reaches_ready_with_its_signing_key_credential(make_box, broker, tiny_bundle):
+    hq = make_box("hq")
+    creds = hq.etc / "edge-agent" / "credentials"
+    keys = hq.work / "keys"
+    run = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "keys", "--out", str(keys)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    # without the signing key the unit must not start: no placeholder, LoadCredential= fails
+    assert hq.m.systemctl("start", HQ_UNIT, check=False).returncode != 0
+    assert hq.props("ExecMainStatus")["ExecMainStatus"] == "243"  # EXIT_CREDENTIALS
+    shutil.copy(keys / "fleet.key", creds / "fleet.key")
+    (creds / "aggregator-mqtt-password").write_text(hq.secret + "\n")
+    state = hq.etc / "edge-aggregator"  # %S/edge-aggregator (see UserManager)
+    (hq.etc / "edge-agent" / "hq.toml").write_text(
+        f"""\
+fleet = "f1"
+data_dir = "{state}"
+bundle = "{tiny_bundle_copy(hq, tiny_bundle)}"
+signing_key_credential = "fleet.key"
+
+[broker]
+host = "{broker.host}"
+port = {broker.port}
+username = "hq"
+password_credential = "mqtt-password"
+keepalive_s = 5
+"""
+    )
+    hq.m.systemctl("reset-failed", HQ_UNIT)
+    hq.m.systemctl("start", HQ_UNIT)  # returns once READY=1 arrived
+    p = hq.props(
+        "ActiveState", "SubState", "MainPID", "WatchdogUSec", "WatchdogTimestampMonotonic", "StatusText"
+    )
+    assert (p["ActiveState"], p["SubState"]) == ("active", "running"), hq.agent_log()
+    assert p["StatusText"].startswith("aggregator ") and p["WatchdogUSec"] == "2s"
+    seen = {int(p["WatchdogTimestampMonotonic"])}
+    wait_until(
+        lambda: (
+            seen.add(int(hq.props("WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]))
+            or len(seen) >= 3
+        ),
+        timeout=10,
+        what="2 more watchdog pings",
+    )
+    pid = int(p["MainPID"])
+    st = proc_status(pid)
+    assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2" and int(st["CapEff"], 16) == 0
+    assert "/dev" in mounts(pid)  # PrivateDevices=
+    hq.m.systemctl("stop", HQ_UNIT)
+    p = hq.props("ActiveState", "Result", "ExecMainStatus")
+    assert (p["ActiveState"], p["Result"], p["ExecMainStatus"]) == ("inactive", "success", "0"), (
+        hq.agent_log()
+    )
+
+
+def tiny_bundle_copy(hq: Box, bundle: Path) -> Path:
+    """The bundle where the aggregator may read it (PrivateTmp= hides the session's /tmp copy)."""
+    dest = hq.root / "opt" / "bundle"
+    if not dest.exists():
+        shutil.copytree(bundle, dest)
+    return dest
