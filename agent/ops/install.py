@@ -39,6 +39,10 @@ MODULES_LOAD_FILE = Path("/etc/modules-load.d/edge-agent-nvidia.conf")
 CONFIG_DIR = Path("/etc/edge-agent")
 STATE_DIR = Path("/var/lib/edge-agent")
 SERVICE_BUNDLE = STATE_DIR / "bundle"
+HQ_STATE_DIR = Path("/var/lib/edge-aggregator")
+HQ_BUNDLE = HQ_STATE_DIR / "bundle"
+# LoadCredential= names in the unit files
+SIGNING_KEY_CREDENTIAL = "fleet.key"
 # The executable the unit files name; install replaces it with the real one.
 UNIT_EXECUTABLE = "/opt/edge-agent/.venv/bin/edge-agent"
 
@@ -118,6 +122,20 @@ def render_box_config(example: str) -> str:
         out, n = re.subn(rf'^{key} = ".*"$', f'{key} = "{value}"', out, flags=re.M)
         if n != 1:
             raise ValueError(f"the example config has no `{key} = ...` line to set")
+    return out
+
+
+def render_hq_config(example: str) -> str:
+    """examples/hq.toml with the aggregator service's paths and its signing key as a credential."""
+    out = example
+    for pattern, line in (
+        (r'^data_dir = ".*"$', f'data_dir = "{HQ_STATE_DIR}"'),
+        (r'^bundle = ".*"$', f'bundle = "{HQ_BUNDLE}"'),
+        (r'^signing_key_file = ".*"$', f'signing_key_credential = "{SIGNING_KEY_CREDENTIAL}"'),
+    ):
+        out, n = re.subn(pattern, line, out, flags=re.M)
+        if n != 1:
+            raise ValueError(f"the example hq.toml has no line matching {pattern} to set")
     return out
 
 
@@ -264,9 +282,13 @@ def install(
         role_files(HQ_UNIT, "edge-aggregator")
         hq_example = source / "examples" / "hq.toml"
         if hq_example.exists():
-            tree.once(CONFIG_DIR / "hq.toml", hq_example.read_text())
+            tree.once(CONFIG_DIR / "hq.toml", render_hq_config(hq_example.read_text()))
         else:
             report.notes.append(f"write {CONFIG_DIR / 'hq.toml'} (the aggregator's config)")
+        if opts.bundle is not None:
+            tree.copytree_once(HQ_BUNDLE, Path(opts.bundle))
+        elif not tree.at(HQ_BUNDLE).exists():
+            report.notes.append(f"no bundle for the aggregator yet: copy the fleet's bundle to {HQ_BUNDLE}")
         if not tree.at(CONFIG_DIR / "credentials" / "fleet.key").exists():
             report.notes.append(
                 f"no signing key: edge-agent keys --out DIR, then DIR/fleet.key to {CONFIG_DIR}/credentials/ (0600)"

@@ -202,3 +202,19 @@ def test_real_root_needs_root_and_runs_systemd_tools_only_there(tmp_path, monkey
     run = edge_agent("install", "--root", str(tmp_path / "r2"), "--source", str(tmp_path / "nowhere"))
     assert run.returncode == 2 and "from a source checkout or pass --source" in run.stderr
     assert shutil.which("systemctl")  # the tools exist here; install just did not call them
+
+
+def test_installed_hq_config_is_the_example_with_service_paths_and_the_key_credential(tree):
+    from agent.fed.hq_config import load_hq_config
+
+    installed = tree / "etc" / "edge-agent" / "hq.toml"
+    text = installed.read_text()
+    assert text == inst.render_hq_config((ROOT / "examples" / "hq.toml").read_text())
+    config = load_hq_config(installed)
+    assert config.data_dir == Path("/var/lib/edge-aggregator")  # StateDirectory=edge-aggregator
+    assert config.bundle == Path("/var/lib/edge-aggregator/bundle")
+    # the name edge-aggregator.service's LoadCredential= gives the signing key
+    hq = settings(tree / "etc" / "systemd" / "system" / "edge-aggregator.service")
+    names = {c.split(":", 1)[0] for c in hq["LoadCredential"]}
+    assert config.signing_key_credential in names and config.signing_key_file is None
+    assert (tree / "var" / "lib" / "edge-aggregator" / "bundle" / "manifest.json").exists()

@@ -242,7 +242,7 @@ def test_config_error_is_not_restarted(box):
     assert box.props("ActiveState")["ActiveState"] == "active"
 
 
-def test_aggregator_reaches_ready_with_its_signing_key_credential(make_box, broker, tiny_bundle):
+def test_aggregator_reaches_ready_with_its_signing_key_credential(make_box, broker):
     hq = make_box("hq")
     creds = hq.etc / "edge-agent" / "credentials"
     keys = hq.work / "keys"
@@ -259,21 +259,22 @@ def test_aggregator_reaches_ready_with_its_signing_key_credential(make_box, brok
     shutil.copy(keys / "fleet.key", creds / "fleet.key")
     (creds / "aggregator-mqtt-password").write_text(hq.secret + "\n")
     state = hq.etc / "edge-aggregator"  # %S/edge-aggregator (see UserManager)
-    (hq.etc / "edge-agent" / "hq.toml").write_text(
-        f"""\
-fleet = "f1"
-data_dir = "{state}"
-bundle = "{tiny_bundle_copy(hq, tiny_bundle)}"
-signing_key_credential = "fleet.key"
-
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-username = "hq"
-password_credential = "mqtt-password"
-keepalive_s = 5
-"""
-    )
+    config = hq.etc / "edge-agent" / "hq.toml"  # examples/hq.toml as install wrote it
+    text = config.read_text()
+    for old, new in (
+        ('data_dir = "/var/lib/edge-aggregator"', f'data_dir = "{state}"'),
+        (
+            'bundle = "/var/lib/edge-aggregator/bundle"',
+            f'bundle = "{hq.root}/var/lib/edge-aggregator/bundle"',
+        ),
+        ("port = 1884", f"port = {broker.port}"),
+        ('# username = "aggregator"', 'username = "aggregator"'),
+        ('# password_credential = "mqtt-password"', 'password_credential = "mqtt-password"'),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    assert 'signing_key_credential = "fleet.key"' in text
+    config.write_text(text)
     hq.m.systemctl("reset-failed", HQ_UNIT)
     hq.m.systemctl("start", HQ_UNIT)  # returns once READY=1 arrived
     p = hq.props(
@@ -299,11 +300,3 @@ keepalive_s = 5
     assert (p["ActiveState"], p["Result"], p["ExecMainStatus"]) == ("inactive", "success", "0"), (
         hq.agent_log()
     )
-
-
-def tiny_bundle_copy(hq: Box, bundle: Path) -> Path:
-    """The bundle where the aggregator may read it (PrivateTmp= hides the session's /tmp copy)."""
-    dest = hq.root / "opt" / "bundle"
-    if not dest.exists():
-        shutil.copytree(bundle, dest)
-    return dest
