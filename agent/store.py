@@ -28,6 +28,8 @@ from typing import Any
 
 from sqlite_utils import Database, Migrations
 
+from agent import clock
+
 log = logging.getLogger(__name__)
 
 TRAIN = "train"
@@ -35,6 +37,8 @@ HOLDOUT = "holdout"
 KEEP_CONFIG_VERSIONS = 200
 KEEP_COMMANDS = 1000
 KEEP_OUTBOX_ACKED = 200
+# An unacknowledged upload is resent at most this far apart (the backoff's ceiling).
+OUTBOX_MAX_RESEND_S = 3600.0
 DELETE_CHUNK = 5000
 
 migrations = Migrations("edge-agent")
@@ -607,7 +611,7 @@ class Store:
                     dropped.append(old_key)
                 conn.execute(
                     "INSERT INTO outbox (kind, key, topic, meta, payload, bytes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (kind, key, topic, json.dumps(meta), payload, len(payload), time.time()),
+                    (kind, key, topic, json.dumps(meta), payload, len(payload), clock.time()),
                 )
                 # Acknowledged rows are kept a while for status and audits, not forever.
                 conn.execute(
@@ -619,15 +623,26 @@ class Store:
         return dropped
 
     def outbox_due(
-        self, resend_after_s: float, now: float | None = None, limit: int = 16
+        self,
+        resend_after_s: float,
+        now: float | None = None,
+        limit: int = 16,
+        max_resend_after_s: float = OUTBOX_MAX_RESEND_S,
     ) -> list[dict[str, Any]]:
-        """Unacknowledged rows never sent, or last sent ``resend_after_s`` ago, oldest first."""
-        now = time.time() if now is None else now
+        """Unacknowledged rows never sent, or due again, oldest first.
+
+        A row is due ``resend_after_s`` after its first send, then twice as long after each
+        further one, up to ``max_resend_after_s``: the broker keeps the first copy for an absent
+        aggregator, so a week-long outage costs a few dozen resends, not twenty thousand.
+        """
+        now = clock.time() if now is None else now
         try:
             rows = self.db.conn.execute(
                 "SELECT id, kind, key, topic, meta, payload, attempts FROM outbox WHERE acked_at IS NULL"
-                " AND (last_attempt_at IS NULL OR last_attempt_at <= ?) ORDER BY id LIMIT ?",
-                (now - resend_after_s, limit),
+                " AND (last_attempt_at IS NULL"
+                "      OR last_attempt_at + min(? * (1 << min(max(attempts - 1, 0), 20)), ?) <= ?)"
+                " ORDER BY id LIMIT ?",
+                (resend_after_s, max(resend_after_s, max_resend_after_s), now, limit),
             ).fetchall()
         except sqlite3.Error as e:
             raise storage_error(e) from e
@@ -649,7 +664,7 @@ class Store:
             with self.db.atomic() as db:
                 db.execute(
                     "UPDATE outbox SET attempts = attempts + 1, last_attempt_at = ? WHERE id = ?",
-                    (time.time() if now is None else now, row_id),
+                    (clock.time() if now is None else now, row_id),
                 )
         except sqlite3.Error as e:
             raise storage_error(e) from e
@@ -660,7 +675,7 @@ class Store:
             with self.db.atomic() as db:
                 cur = db.execute(
                     "UPDATE outbox SET acked_at = ?, result = ? WHERE key = ? AND acked_at IS NULL",
-                    (time.time(), json.dumps(result), key),
+                    (clock.time(), json.dumps(result), key),
                 )
         except sqlite3.Error as e:
             raise storage_error(e) from e
@@ -683,7 +698,7 @@ class Store:
 
     def outbox_stats(self, now: float | None = None) -> dict[str, Any]:
         """What is queued for headquarters: count, bytes, age of the oldest (for telemetry)."""
-        now = time.time() if now is None else now
+        now = clock.time() if now is None else now
         n, size, oldest = self.db.conn.execute(
             "SELECT count(*), coalesce(sum(bytes), 0), min(created_at) FROM outbox WHERE acked_at IS NULL"
         ).fetchone()

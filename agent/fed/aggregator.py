@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from agent import exit_codes
+from agent import clock, exit_codes
 from agent.bundle import load_manifest
 from agent.config import ConfigError
 from agent.fed import strategies
@@ -291,7 +291,7 @@ class Aggregator:
 
     def step(self, now: float | None = None) -> None:
         """One look at the round: publish what is pending, open, aggregate or extend."""
-        now = time.time() if now is None else now
+        now = clock.time() if now is None else now
         for round_id, manifest, blob in self.store.unpublished_globals():
             self._publish_global(round_id, manifest, blob)
         r = self.store.open_round()
@@ -302,7 +302,7 @@ class Aggregator:
         n = self.store.count_uploads(r.id)
         if n >= r.min_uploads or (now >= r.deadline and n >= 1):
             self._aggregate(r)
-            self._announce(self._open_round(time.time()))
+            self._announce(self._open_round(clock.time()))
         elif now >= r.deadline:
             self.store.extend_round(r.id, now + self.config.rounds.duration_s)
             log.info("round %d: no upload by its deadline; extended", r.id)

@@ -34,6 +34,7 @@ from typing import Any
 
 from safetensors.numpy import load_file
 
+from agent import clock
 from agent.adapters import META, PEFT_CONFIG, WEIGHTS, AdapterMeta
 from agent.config import BootstrapConfig, RuntimeConfig
 from agent.durable import staged_dir
@@ -400,7 +401,7 @@ class SyncClient:
             self.counters.inc("sync_outbox_dropped", "quota")
             log.warning("outbox over its quota: upload %s dropped unsent", key)
         self.store.set_sync_state("uploaded_version", version)
-        self.store.set_sync_state("last_upload_at", str(time.time()))
+        self.store.set_sync_state("last_upload_at", str(clock.time()))
         self.counters.inc("sync_uploads", "queued")
         log.info(
             "upload %s queued: adapter %s for round %d (%d bytes)", upload_id, version, r.round, len(body)
@@ -426,9 +427,9 @@ class SyncClient:
         if self.store.sync_state("uploaded_version") == version:
             return f"adapter {version} was uploaded already"
         last = float(self.store.sync_state("last_upload_at") or 0)
-        if not self._send_now and time.time() - last < sync.upload_interval_s:
+        if not self._send_now and clock.time() - last < sync.upload_interval_s:
             return (
-                f"last upload {time.time() - last:.0f}s ago (sync.upload_interval_s {sync.upload_interval_s})"
+                f"last upload {clock.time() - last:.0f}s ago (sync.upload_interval_s {sync.upload_interval_s})"
             )
         meta = json.loads((self.learner.adapters_dir / version / META).read_text())
         if int(meta.get("num_examples") or 0) < sync.min_examples:

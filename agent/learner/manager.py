@@ -153,17 +153,50 @@ class LearnerManager:
         return dict(row) if row else None
 
     def restore_active(self) -> str | None:
-        """After a restart: activate the promoted adapter recorded in SQLite, if its files are intact."""
+        """After a restart: activate the promoted adapter recorded in SQLite if its files are
+        intact; if they are not (a corrupt or missing file), the newest earlier version that is,
+        recorded as such; the base when none is."""
         version = self.active_version()
         if version is None:
             return None
-        path = self.adapters_dir / version
         try:
-            self.engine.activate_adapter(path)
+            self.engine.activate_adapter(self.adapters_dir / version)
+            return version
         except (AdapterError, OSError) as e:
-            log.error("recorded active adapter %s cannot be activated (%s); serving the base", version, e)
-            return None
-        return version
+            log.error("recorded active adapter %s cannot be activated: %s", version, e)
+            broken = f"files failed their check at start: {e}"
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT version FROM adapter_versions WHERE status IN ('retired', 'rolled_back') AND version != ?"
+                " ORDER BY promoted_at DESC",
+                (version,),
+            ).fetchall()
+        for row in rows:
+            try:
+                self.engine.activate_adapter(self.adapters_dir / row["version"])
+            except (AdapterError, OSError) as e:
+                log.warning("earlier adapter %s cannot be activated either: %s", row["version"], e)
+                continue
+            self._record_fallback(version, row["version"], broken)
+            return row["version"]
+        self._record_fallback(version, None, broken)
+        return None
+
+    def _record_fallback(self, broken: str, target: str | None, reason: str) -> None:
+        with self._db() as con:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute(
+                "UPDATE adapter_versions SET status='rolled_back', reason=? WHERE version=?", (reason, broken)
+            )
+            if target is None:
+                con.execute("DELETE FROM learner_state WHERE key='active'")
+            else:
+                con.execute("UPDATE adapter_versions SET status='promoted' WHERE version=?", (target,))
+                self._set_state(con, "active", target)
+            con.execute("COMMIT")
+        self.counters["rollbacks"] += 1
+        log.error("serving %s instead of the broken adapter %s", target or "the base", broken)
+        self.publish("rollback", {"from": broken, "to": target or "base", "reason": reason})
 
     # ---- the periodic step ---------------------------------------------------------------------
     def tick(self, now: float | None = None) -> None:

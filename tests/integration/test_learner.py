@@ -137,3 +137,44 @@ def test_restart_restores_the_promoted_adapter(setup, tiny_bundle, tmp_path):
     with InferenceEngine.open(tiny_bundle, EngineConfig(precision="fp32")) as fresh:
         again = LearnerManager(db_path=store.path, bundle_dir=tiny_bundle, data_dir=tmp_path, engine=fresh)
         assert again.restore_active() == active and fresh.adapter_version == active
+
+
+def test_restart_with_a_corrupt_active_adapter_serves_the_newest_intact_one(setup, tiny_bundle, tmp_path):
+    import shutil
+
+    store, engine, manager, _ = setup
+    store.write(make_samples(300, seed=6), holdout_fraction=0.2)
+    wait_round(manager)
+    first = manager.active_version()
+    assert first is not None
+    # A second promotion on top of it (its files a copy of the first's), then a torn write of its
+    # weights: what a power cut in the middle of copying files can leave behind.
+    second = first + "-next"
+    shutil.copytree(manager.adapters_dir / first, manager.adapters_dir / second)
+    con = sqlite3.connect(store.path)
+    with con:
+        (created,) = con.execute(
+            "SELECT created_at FROM adapter_versions WHERE version = ?", (first,)
+        ).fetchone()
+        con.execute("UPDATE adapter_versions SET status = 'retired' WHERE version = ?", (first,))
+        con.execute(
+            "INSERT INTO adapter_versions (version, parent, path, status, created_at, promoted_at) VALUES (?,?,?,?,?,?)",
+            (second, first, str(manager.adapters_dir / second), "promoted", created + 1, time.time()),
+        )
+        con.execute("UPDATE learner_state SET value = ? WHERE key = 'active'", (second,))
+    weights = manager.adapters_dir / second / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with InferenceEngine.open(tiny_bundle, EngineConfig(precision="fp32")) as fresh:
+        events = []
+        again = LearnerManager(
+            db_path=store.path,
+            bundle_dir=tiny_bundle,
+            data_dir=tmp_path,
+            engine=fresh,
+            publish=lambda e, b: events.append((e, b)),
+        )
+        assert again.restore_active() == first and fresh.adapter_version == first
+        assert again.active_version() == first
+        status = {v["version"]: v["status"] for v in again.versions()}
+        assert status == {first: "promoted", second: "rolled_back"}
+        assert events[-1][0] == "rollback" and events[-1][1]["from"] == second

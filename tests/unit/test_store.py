@@ -287,6 +287,14 @@ def test_outbox_waits_for_the_far_side_and_keeps_to_its_quota(store):
     store.outbox_attempted(row["id"])
     assert store.outbox_due(resend_after_s=30) == []  # sent moments ago: not due
     assert [r["key"] for r in store.outbox_due(resend_after_s=30, now=time.time() + 31)] == ["u1"]
+    # Each resend doubles the wait, up to the ceiling: a week away costs a few dozen resends.
+    t = time.time()
+    for attempt, wait in enumerate([30, 60, 120, 240], start=1):
+        store.db.conn.execute("UPDATE outbox SET attempts = ?, last_attempt_at = ?", (attempt, t))
+        assert store.outbox_due(resend_after_s=30, now=t + wait - 1) == []
+        assert len(store.outbox_due(resend_after_s=30, now=t + wait + 1)) == 1
+    store.db.conn.execute("UPDATE outbox SET attempts = 40, last_attempt_at = ?", (t,))
+    assert len(store.outbox_due(resend_after_s=30, now=t + 3601, max_resend_after_s=3600)) == 1
     # A second upload that does not fit beside the first pushes it out (oldest first).
     assert store.outbox_put("upload", "u2", "fed/f/up/d", {}, b"\x01" * 600, max_bytes=1000) == ["u1"]
     assert store.outbox_stats()["queued"] == 1 and store.outbox_stats()["queued_bytes"] == 600
