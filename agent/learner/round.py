@@ -271,10 +271,26 @@ def _lower_priority(nice: int) -> None:
             log.warning("SCHED_IDLE refused (%s): the learner runs at nice %d only", e, nice)
 
 
+def _die_with_parent() -> None:
+    """A daemon killed with -9 (or OOM-killed) cannot stop its learner: without this the orphan
+    trains on for minutes beside the restarted daemon and its next learner. Linux delivers SIGKILL
+    to us when the parent dies (``PR_SET_PDEATHSIG``); the check after it covers a parent that died
+    before the call."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG = 1, SIGKILL = 9
+    if os.getppid() != parent or parent == 1:
+        os._exit(1)
+
+
 def run_round_process(spec_json: str) -> None:
     """Entry point of the spawned learner process."""
     spec = RoundSpec(**json.loads(spec_json))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s learner: %(message)s")
+    _die_with_parent()
     _lower_priority(spec.nice)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(spec.threads)
