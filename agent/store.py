@@ -37,8 +37,10 @@ HOLDOUT = "holdout"
 KEEP_CONFIG_VERSIONS = 200
 KEEP_COMMANDS = 1000
 KEEP_OUTBOX_ACKED = 200
-# An unacknowledged upload is resent at most this far apart (the backoff's ceiling).
-OUTBOX_MAX_RESEND_S = 3600.0
+# An unacknowledged upload is resent at most this far apart (the backoff's ceiling): the broker
+# keeps the first copy for an absent aggregator; what a broker restart without persistence loses
+# is resent at once on the new session (agent.fed.client), not after this.
+OUTBOX_MAX_RESEND_S = 6 * 3600.0
 DELETE_CHUNK = 5000
 
 migrations = Migrations("edge-agent")
@@ -149,6 +151,12 @@ def m002_outbox_for_uploads(db: Database) -> None:
     )
 
 
+@migrations()
+def m003_prediction_latency(db: Database) -> None:
+    # Per prediction, so `edge-agent report` can draw latency percentiles over any time window.
+    db.execute("ALTER TABLE predictions ADD COLUMN latency_ms REAL")
+
+
 # ---- errors ---------------------------------------------------------------------------------
 
 
@@ -210,6 +218,7 @@ class NewPrediction:
     adapter_version: str | None = None
     source: str | None = None
     ts: float | None = None
+    latency_ms: float | None = None  # message received -> prediction made
 
 
 NewRow = NewSample | NewFeedback | NewPrediction
@@ -437,7 +446,7 @@ class Store:
     ) -> Outcome:
         cur = conn.execute(
             "INSERT OR IGNORE INTO predictions (id, text, text_sha256, label, score, top_k, adapter_version,"
-            " source, ts, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " source, ts, created_at, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.id,
                 row.text,
@@ -449,6 +458,7 @@ class Store:
                 row.source,
                 row.ts,
                 now,
+                row.latency_ms,
             ),
         )
         if cur.rowcount == 0:

@@ -35,9 +35,8 @@ from typing import Any
 from safetensors.numpy import load_file
 
 from agent import clock
-from agent.adapters import META, PEFT_CONFIG, WEIGHTS, AdapterMeta
+from agent.adapters import META, WEIGHTS, AdapterMeta
 from agent.config import BootstrapConfig, RuntimeConfig
-from agent.durable import staged_dir
 from agent.fed import strategies
 from agent.fed.protocol import (
     GlobalManifest,
@@ -48,7 +47,7 @@ from agent.fed.protocol import (
     parse_json,
 )
 from agent.fed.signing import SignatureError, load_public_keys, verify_manifest
-from agent.fed.spec import AdapterSpec, SpecError
+from agent.fed.spec import AdapterSpec, SpecError, write_adapter_dir
 from agent.fed.topics import FleetTopics
 from agent.fed.wire import (
     Reassembler,
@@ -124,6 +123,7 @@ class SyncClient:
         self._ready: tuple[GlobalManifest, bytes] | None = None  # waiting for the control thread
         self._round: RoundAnnouncement | None = None
         self._send_now = False
+        self._sessions_new: int | None = None  # new (not resumed) MQTT sessions seen so far
         self._last_skip: str | None = None
         saved = store.sync_state("round")
         if saved:
@@ -279,6 +279,12 @@ class SyncClient:
     def tick(self) -> None:
         if not self.live().sync.enabled:
             return
+        sessions = self.transport.stats().get("sessions_new", 0)
+        if self._sessions_new is not None and sessions > self._sessions_new:
+            # A new session (not resumed): the broker lost what it held for us, and possibly the
+            # uploads it had not yet passed on. Send every unacknowledged one again now.
+            self._send_now = True
+        self._sessions_new = sessions
         self._install_ready()
         self._maybe_upload()
         if self.transport.connected:
@@ -314,19 +320,16 @@ class SyncClient:
             )
             return
         path = self.fleet_dir / m.version
-        with staged_dir(path) as tmp:
-            (tmp / WEIGHTS).write_bytes(data)
-            (tmp / PEFT_CONFIG).write_text(json.dumps(self.spec.peft_config(), indent=2))
-            meta = AdapterMeta(
-                version=m.version,
-                base_hash=m.base_hash,
-                labels=list(m.labels),
-                num_examples=m.num_examples,
-                round=m.round,
-                metrics={"fleet": m.fleet, "strategy": m.strategy, "participants": m.participants},
-                signature=m.signature,
-            )
-            (tmp / META).write_text(json.dumps(meta.__dict__, indent=2))
+        meta = AdapterMeta(
+            version=m.version,
+            base_hash=m.base_hash,
+            labels=list(m.labels),
+            num_examples=m.num_examples,
+            round=m.round,
+            metrics={"fleet": m.fleet, "strategy": m.strategy, "participants": m.participants},
+            signature=m.signature,
+        )
+        write_adapter_dir(path, data, self.spec, meta)
         self.store.set_sync_state("global_version", m.version)
         self._prune_globals(keep=m.version)
         self.counters.inc("sync_globals", "verified")
@@ -428,9 +431,7 @@ class SyncClient:
             return f"adapter {version} was uploaded already"
         last = float(self.store.sync_state("last_upload_at") or 0)
         if not self._send_now and clock.time() - last < sync.upload_interval_s:
-            return (
-                f"last upload {clock.time() - last:.0f}s ago (sync.upload_interval_s {sync.upload_interval_s})"
-            )
+            return f"last upload {clock.time() - last:.0f}s ago (sync.upload_interval_s {sync.upload_interval_s})"
         meta = json.loads((self.learner.adapters_dir / version / META).read_text())
         if int(meta.get("num_examples") or 0) < sync.min_examples:
             return f"adapter {version} learned from {meta.get('num_examples')} examples < sync.min_examples {sync.min_examples}"
