@@ -3,19 +3,23 @@
 Box and aggregator hold the same bundle (same base hash), so both derive the same ``AdapterSpec``:
 the PEFT tensor names and shapes of a full adapter, which of them an upload carries for a given
 strategy (FFA-LoRA: B and the head, A is implied by the fleet seed), and the ``adapter_config.json``
-a global is written with. ``check_tensors`` is the aggregator's and the box's shape check.
+a global is written with. ``check_tensors`` is the aggregator's and the box's shape check;
+``write_adapter_dir`` lays a global out as the adapter directory the learner and the engine load.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agent.adapters import PEFT_MODULES, peft_target_modules
+from agent.adapters import META, PEFT_CONFIG, PEFT_MODULES, WEIGHTS, AdapterMeta, peft_target_modules
 from agent.bundle import BundleManifest
+from agent.durable import staged_dir
 from agent.lora_graph import DENSE_TARGETS, lora_input_names
 
 LAYER_KEY = "base_model.model.bert.encoder.layer.{layer}.{module}.lora_{which}.weight"
@@ -101,3 +105,14 @@ class AdapterSpec:
             "use_rslora": False,
             "use_dora": False,
         }
+
+
+def write_adapter_dir(path: Path, tensors_bytes: bytes, spec: AdapterSpec, meta: AdapterMeta) -> Path:
+    """A global as an adapter directory: the safetensors bytes as received (``adapter_model.safetensors``),
+    ``adapter_config.json`` from ``spec.peft_config()`` and our ``edge_adapter.json``; staged, fsynced
+    and renamed into place (``path`` is replaced). The caller has checked the tensors."""
+    with staged_dir(path) as tmp:
+        (tmp / WEIGHTS).write_bytes(tensors_bytes)
+        (tmp / PEFT_CONFIG).write_text(json.dumps(spec.peft_config(), indent=2))
+        (tmp / META).write_text(json.dumps(meta.__dict__, indent=2))
+    return Path(path)
