@@ -13,6 +13,7 @@ says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,37 @@ class SystemProbe:
     def close(self) -> None:
         if self._nvml is not None:
             self._nvml.close()
+
+
+def supervise(
+    stop: threading.Event,
+    healthy: Callable[[], bool],
+    status_line: Callable[[], str],
+    status_file: Path | None = None,
+    status_payload: Callable[[], Mapping[str, Any]] | None = None,
+) -> None:
+    """The main thread of a service until ``stop``: WATCHDOG=1 while ``healthy()``, STATUS= when the
+    line changes, and the status file (container health) every STATUS_INTERVAL_S. Ends by writing
+    the file one last time as not healthy (stopping)."""
+    ping = watchdog_interval()
+    tick = min(1.0, ping) if ping else 1.0
+    last_line, last_write = "", 0.0
+    while not stop.wait(tick):
+        ok = healthy()
+        if ping and ok:
+            sd_notify("WATCHDOG=1")
+        line = status_line()
+        if line != last_line:
+            sd_notify(f"STATUS={line}")
+            last_line = line
+        if status_file is not None and time.monotonic() - last_write >= STATUS_INTERVAL_S:
+            last_write = time.monotonic()
+            try:
+                write_status_file(
+                    status_file, ok, {"status": line, **(status_payload() if status_payload else {})}
+                )
+            except OSError as e:
+                log.warning("status file %s: %s", status_file, e)
+    if status_file is not None:
+        with contextlib.suppress(OSError):
+            write_status_file(status_file, False, {"state": "stopping"})

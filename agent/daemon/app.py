@@ -98,6 +98,7 @@ class EdgeAgent:
         self.store: Store
         self.engine: EngineLike
         self.learner: LearnerManager | None = None
+        self.learner_cgroup: Any = None  # agent.ops.cgroup.LearnerCgroup under systemd with Delegate=
         self.sync: Any = None  # agent.fed.client.SyncClient when the bootstrap file has [fleet]
         self.transport: MqttClient
         self.replier: Replier
@@ -167,6 +168,17 @@ class EdgeAgent:
         """The learner needs an engine that can swap adapters; it restores the promoted one."""
         if not hasattr(self.engine, "activate_adapter"):
             return
+        from agent.ops.cgroup import LearnerCgroup
+
+        # Under systemd with Delegate=, the learner gets limits of its own (None elsewhere: logged).
+        self.learner_cgroup = LearnerCgroup.for_this_process()
+        if self.learner_cgroup is not None:
+            try:
+                self.learner_cgroup.setup()
+            except OSError as e:
+                log.warning("learner cgroup not set up (%s); service-wide limits only", e)
+                self.learner_cgroup = None
+        cgroup = self.learner_cgroup
         self.learner = LearnerManager(
             db_path=self.boot.db_path,
             bundle_dir=self.boot.bundle,
@@ -174,6 +186,7 @@ class EdgeAgent:
             engine=self.engine,
             settings=learner_settings(self.runtime),
             publish=self._learner_event,
+            on_spawn=cgroup.add if cgroup is not None else None,
         )
         restored = self.learner.restore_active()
         if restored:
@@ -229,6 +242,8 @@ class EdgeAgent:
         )
         learner = self.learner
         self.reporter.add_section("learner", lambda: learner.status() if learner is not None else None)
+        if self.learner_cgroup is not None:
+            self.reporter.add_section("learner_cgroup", self.learner_cgroup.learner_memory)
         # What the broker queued while the agent was away, what it dropped, the outage it is sized for.
         self.reporter.add_section("mqtt", self.transport.stats)
         self.commands.register("status", lambda args: self.reporter.status())

@@ -19,7 +19,7 @@ from pathlib import Path
 from agent import exit_codes
 from agent.config import ConfigError, json_schema, load_bootstrap, validate_config_file
 from agent.daemon.app import EdgeAgent
-from agent.health import sd_notify, watchdog_interval
+from agent.health import sd_notify, status_file_path, supervise
 from agent.store import StorageError
 
 log = logging.getLogger(__name__)
@@ -62,16 +62,18 @@ def run(config_path: Path, log_level: str | None = None) -> int:
         log.exception("start failed")
         return exit_codes.FAILURE
     sd_notify("READY=1", f"STATUS={_status_line(app)}")
-    ping = watchdog_interval()
-    tick = min(1.0, ping) if ping else 1.0
-    last_status = ""
-    while not stop.wait(tick):
-        if ping and app.healthy():
-            sd_notify("WATCHDOG=1")
-        line = _status_line(app)
-        if line != last_status:
-            sd_notify(f"STATUS={line}")
-            last_status = line
+    supervise(
+        stop,
+        app.healthy,
+        lambda: _status_line(app),
+        status_file_path(boot.data_dir),
+        lambda: {
+            "state": "online" if app.transport.connected else "connecting",
+            "connected": app.transport.connected,
+            "adapter_version": app.engine.adapter_version,
+            "config_version": app.runtime.version,
+        },
+    )
     sd_notify("STOPPING=1", "STATUS=stopping: finishing in-flight work")
     try:
         app.stop()
@@ -120,7 +122,12 @@ def init_app(app: EdgeAgent) -> int:
 
 def _status_line(app: EdgeAgent) -> str:
     broker = f"{app.boot.broker.host}:{app.boot.broker.port}"
-    conn = f"connected to {broker}" if app.transport.connected else f"waiting for broker {broker}"
+    if app.transport.connected:
+        conn = f"connected to {broker}"
+    else:
+        # Why it is still waiting (refused login, TLS), so `systemctl status` says it at once.
+        error = app.transport.last_error
+        conn = f"waiting for broker {broker}" + (f": {error}" if error else "")
     err = f"; STORE: {app.writer.storage_error.reason}" if app.writer.storage_error else ""
     return f"{conn}; config v{app.runtime.version}; adapter {app.engine.adapter_version}{err}"
 

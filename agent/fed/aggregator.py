@@ -59,7 +59,7 @@ from agent.fed.wire import (
     tensors_from_bytes,
     tensors_to_bytes,
 )
-from agent.health import Counters, sd_notify, watchdog_interval
+from agent.health import Counters, sd_notify, status_file_path, supervise
 from agent.mqtt import InboundMessage, MqttClient, Will
 
 log = logging.getLogger(__name__)
@@ -489,6 +489,13 @@ class Aggregator:
         self.store.mark_published(round_id)
         log.info("global %s published (%d chunks, %d bytes)", manifest["version"], len(frames), len(blob))
 
+    def status_line(self) -> str:
+        """systemd's STATUS= line."""
+        r = self.store.open_round()
+        conn = "connected" if self.transport.connected else "waiting for the broker"
+        role = "leads the rounds" if self.leader else "takes uploads"
+        return f"{conn}; {role}; round {r.id if r else '-'}"
+
     def _publish_status(self, state: str, wait: bool = False) -> None:
         """Retained on ``fed/{fleet}/hq/{worker}``: what this worker does (the last will says offline)."""
         body = {"state": state, "ts": round(time.time(), 3), **self.status()}
@@ -534,10 +541,13 @@ def run(config_path: Path) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     agg.start()
     sd_notify("READY=1", f"STATUS=aggregator {agg.worker} for fleet {config.fleet}")
-    ping = watchdog_interval()
-    while not stop.wait(min(1.0, ping) if ping else 1.0):
-        if ping and agg.healthy():
-            sd_notify("WATCHDOG=1")
+    supervise(
+        stop,
+        agg.healthy,
+        agg.status_line,
+        status_file_path(config.data_dir),
+        lambda: {"state": "online" if agg.transport.connected else "connecting", "leader": agg.leader},
+    )
     sd_notify("STOPPING=1")
     agg.stop()
     return exit_codes.OK

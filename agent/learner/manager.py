@@ -79,6 +79,7 @@ class LearnerManager:
         publish: Callable[[str, dict[str, Any]], None] | None = None,
         anchor_dir: Callable[[], Path | None] | None = None,
         frozen_a_seed: Callable[[], int | None] | None = None,
+        on_spawn: Callable[[int], None] | None = None,
     ):
         self.db_path = Path(db_path)
         self.bundle_dir = Path(bundle_dir)
@@ -93,6 +94,8 @@ class LearnerManager:
         # teacher are the fleet's global adapter when there is one; with FFA-LoRA, A is frozen.
         self.anchor_dir = anchor_dir or (lambda: None)
         self.frozen_a_seed = frozen_a_seed or (lambda: None)
+        # Called with each learner's pid right after it starts (its own cgroup: agent.ops.cgroup).
+        self.on_spawn = on_spawn
         self._offer: tuple[Path, str, str] | None = None  # (dir, version, origin) to evaluate next
         self._proc: Any = None
         self._spec: RoundSpec | None = None
@@ -482,6 +485,11 @@ class LearnerManager:
             target=run_round_process, args=(json.dumps(asdict(spec)),), name=f"learner-{version}", daemon=True
         )
         proc.start()
+        if self.on_spawn is not None and proc.pid is not None:
+            try:
+                self.on_spawn(proc.pid)
+            except OSError as e:
+                log.warning("learner %s keeps the daemon's cgroup: %s", proc.pid, e)
         self._proc, self._spec, self._manual = proc, spec, False
         self._origin = origin
         self.counters["rounds"] += 1

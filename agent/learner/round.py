@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from agent.learner.policy import EvalReport, evaluate
+from agent.ops.cgroup import prefer_oom_kill
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,7 @@ def run_round_process(spec_json: str) -> None:
     spec = RoundSpec(**json.loads(spec_json))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s learner: %(message)s")
     _die_with_parent()
+    prefer_oom_kill(500)  # out of memory, the kernel takes the learner, not the daemon
     _lower_priority(spec.nice)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(spec.threads)

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from agent import exit_codes
+from agent.health import check_status_file
 from tests.integration.conftest import BASE, ROOT, Peer, db_path, query, wait_until, write_agent_config
 
 
@@ -68,6 +69,10 @@ def test_sigterm_finishes_work_acks_it_and_exits_0(broker, peer, spawn_agent, pr
     agent = spawn_agent(process_config).wait_ready()
     agent.notify.wait_for("WATCHDOG=1", timeout=10)
     assert any(m.startswith("STATUS=connected to") for m in agent.notify.poll())
+    # The status file a container's HEALTHCHECK reads (edge-agent healthcheck).
+    status_file = db_path(process_config).parent / "status.json"
+    wait_until(lambda: status_file.exists(), what="status file")
+    assert check_status_file(status_file).ok, status_file.read_text()
     for i in range(30):
         peer.publish("samples", {"id": f"t{i}", "text": f"term test {i}", "label": "normal"})
         peer.publish("infer/req", {"id": f"q{i}", "texts": [f"request {i} text {j}" for j in range(8)]})
@@ -75,6 +80,7 @@ def test_sigterm_finishes_work_acks_it_and_exits_0(broker, peer, spawn_agent, pr
     assert agent.wait(30) == exit_codes.OK, agent.log()
     assert "STOPPING=1" in agent.notify.poll()
     assert "stopped cleanly" in agent.log()
+    assert not check_status_file(status_file).ok  # stopping: unhealthy from now on
     status = late_status(broker)
     assert status["state"] == "offline" and status["clean"] is True
 
