@@ -19,73 +19,20 @@ import time
 import uuid
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.config import BrokerConfig
 from agent.mqtt import InboundMessage, MqttClient, Will
 from tests.integration.conftest import BASE, Peer, db_path, query, wait_until, write_agent_config
 from tests.integration.mosquitto import Mosquitto
-from tests.tiny import TINY_LABELS
+from tests.integration.plant import DEVICE_IN_FLIGHT, Device
 
 SAMPLES = 30_000
 DEVICES = 3
 # The agent's receive_maximum (BrokerConfig default): at most this many were in flight, unacked,
 # when it was killed, and come again.
 IN_FLIGHT = 1000
-DEVICE_IN_FLIGHT = 50  # a device's window; a broker restart may see those twice (QoS 1 resend)
 DEFAULT_QUEUE = {"max_queued_messages": None, "max_queued_bytes": None}
-
-
-class Device:
-    """A plant device: MQTT 5, persistent session, QoS 1; it knows which of its samples the broker acked."""
-
-    def __init__(self, broker: Mosquitto, name: str):
-        self.name = name
-        self.client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"device-{name}-{uuid.uuid4().hex[:6]}",
-            protocol=paho.MQTTv5,
-        )
-        self.client.max_inflight_messages_set(DEVICE_IN_FLIGHT)
-        self.client.reconnect_delay_set(0.05, 0.5)
-        self._lock = threading.Lock()
-        self._reason: dict[int, bool] = {}  # mid -> PUBACK said success (mids are unique below 65535)
-        self.sent: list[tuple[str, paho.MQTTMessageInfo]] = []
-        self.client.on_publish = self._on_publish
-        connected = threading.Event()
-        self.client.on_connect = lambda *a: connected.set()
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600  # in-flight samples survive a broker restart
-        self.client.connect(broker.host, broker.port, clean_start=False, properties=props)
-        self.client.loop_start()
-        assert connected.wait(10), "device could not connect"
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self._lock:
-            self._reason[mid] = not reason_code.is_failure
-
-    def publish(self, n: int) -> None:
-        assert n < 65535, "one mid per sample"
-        for i in range(n):
-            sid = f"{self.name}-{i}"
-            body = {"id": sid, "text": f"line 3 press {i % 97} vibration {i}", "label": TINY_LABELS[i % 4]}
-            self.sent.append((sid, self.client.publish(BASE + "samples", json.dumps(body), qos=1)))
-
-    def answered(self) -> int:
-        return sum(info.is_published() for _, info in self.sent)
-
-    def acked(self) -> set[str]:
-        """The samples whose PUBACK carried a success code: what the plant considers delivered."""
-        with self._lock:
-            return {sid for sid, info in self.sent if info.is_published() and self._reason.get(info.mid)}
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def rows(db: Path) -> int:
