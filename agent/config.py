@@ -258,6 +258,14 @@ class InferenceSettings(_RuntimeSection):
         le=1.0,
         description="predictions scoring below this are published with uncertain=true (0: never)",
     )
+    max_requests_per_s: float = Field(
+        0.0,
+        ge=0,
+        le=1_000_000,
+        description="infer/req messages answered per second (token bucket, bursts up to one second's "
+        "worth); beyond it requests are answered rate_limited at once without running the model, so "
+        "a flooding device cannot take the box's CPU (0: no limit)",
+    )
 
 
 class StoreSettings(_RuntimeSection):
@@ -540,6 +548,11 @@ def check_paths(config: BootstrapConfig) -> list[str]:
     for key, path in files.items():
         if path is not None and not path.is_file():
             problems.append(f"{key}: no such file: {path}")
+    if config.broker.tls is not None:
+        from agent.ops.certs import tls_problems  # cryptography: only when there is TLS to check
+
+        tls = config.broker.tls
+        problems += tls_problems(tls.ca_file, tls.cert_file, tls.key_file)
     if not (config.bundle / "manifest.json").is_file():
         problems.append(
             f"bundle: no manifest.json in {config.bundle} (build one with `edge-agent model build`)"

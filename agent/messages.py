@@ -55,6 +55,7 @@ class ErrorCode(StrEnum):
     VERSION_CONFLICT = "version_conflict"
     STORAGE = "storage_error"
     INFERENCE = "inference_error"
+    RATE_LIMITED = "rate_limited"
     INTERNAL = "internal_error"
 
 

@@ -24,7 +24,13 @@ from agent.daemon.ingest import IngestWriter, KnownLabels, LabeledHandler
 from agent.daemon.replies import Inflight, Replier
 from agent.daemon.reports import Reporter, TelemetryLoop
 from agent.daemon.runtime_config import LiveConfig, RuntimeConfigHandler
-from agent.daemon.settings import EngineLike, engine_config, learner_settings, open_engine
+from agent.daemon.settings import (
+    EngineLike,
+    engine_config,
+    learner_settings,
+    open_engine,
+    problems_on_this_box,
+)
 from agent.health import Counters, SystemProbe
 from agent.learner.manager import LearnerManager
 from agent.messages import Command, ErrorCode, MessageError
@@ -213,6 +219,7 @@ class EdgeAgent:
             commit_window_ms=self.boot.store.commit_window_ms,
             max_batch=self.boot.store.max_batch,
         )
+        self.live.add_check(problems_on_this_box)
         config_handler = RuntimeConfigHandler(
             self.live,
             self.store,

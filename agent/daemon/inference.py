@@ -37,6 +37,28 @@ def prediction_json(pred: Any, threshold: float) -> dict[str, Any]:
     }
 
 
+class TokenBucket:
+    """``take(rate)``: True while the caller stays under ``rate`` per second, bursts up to one second's
+    worth. Only paho's thread calls it, so no lock."""
+
+    def __init__(self) -> None:
+        self._tokens = 0.0
+        self._at = time.monotonic()
+        self._rate = 0.0
+
+    def take(self, rate: float) -> bool:
+        now = time.monotonic()
+        burst = max(1.0, rate)
+        if rate != self._rate:  # a new config: start full
+            self._rate, self._tokens = rate, burst
+        self._tokens = min(burst, self._tokens + (now - self._at) * rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
 class InferenceHandler:
     kinds = (Kind.INFER, Kind.EVENT)
 
@@ -56,9 +78,17 @@ class InferenceHandler:
         self.inflight = inflight
         self.counters = counters
         self.runtime = runtime
+        self._bucket = TokenBucket()
 
     def handle(self, kind: Kind, model: Any, msg: InboundMessage) -> None:
         if isinstance(model, InferRequest):
+            rate = self.runtime().inference.max_requests_per_s
+            if rate and not self._bucket.take(rate):
+                err = MessageError(
+                    ErrorCode.RATE_LIMITED, f"more than {rate:g} requests/s; retry later", model.id
+                )
+                self.replier.reject(kind, msg, err)
+                return
             self._infer(model, msg)
         else:
             assert isinstance(model, Event)
@@ -132,6 +162,7 @@ class InferenceHandler:
                 adapter_version=pred.adapter_version,
                 source=event.source,
                 ts=event.ts,
+                latency_ms=round((time.monotonic() - msg.received_at) * 1000.0, 3),
             )
             publish = {
                 "id": pid,
@@ -139,6 +170,7 @@ class InferenceHandler:
                 "adapter_version": pred.adapter_version,
                 "source": event.source,
                 "ts": event.ts,
+                "latency_ms": row.latency_ms,
             }
             self.writer.put(Pending(Kind.EVENT, row, msg, pid, publish))
         finally:

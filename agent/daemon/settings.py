@@ -6,6 +6,7 @@ know nothing of the config tree; this module is where the two meet.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -97,6 +98,18 @@ def learner_settings(runtime: RuntimeConfig) -> LearnerSettings:
         keep_versions=ls.keep_versions,
         min_interval_s=ls.min_interval_s,
     )
+
+
+def problems_on_this_box(runtime: RuntimeConfig, cpus: int | None = None) -> list[str]:
+    """What in a valid config would still break this box: checked before it is applied."""
+    cpus = cpus or os.cpu_count() or 1
+    problems = []
+    if runtime.learning.threads > cpus:
+        problems.append(
+            f"learning.threads: {runtime.learning.threads} torch threads on a box with {cpus} CPUs would "
+            "starve inference"
+        )
+    return problems
 
 
 def retention_limits(runtime: RuntimeConfig) -> RetentionLimits:

@@ -302,13 +302,14 @@ class AgentProcess:
         workdir: Path,
         watchdog_usec: int | None = 2_000_000,
         command: tuple[str, ...] = ("run",),
+        extra_env: dict[str, str] | None = None,
     ):
         """``edge-agent {command} --config PATH``: the daemon, or e.g. ``("aggregator", "run")``."""
         self.config_path = config_path
         self.workdir = workdir
         self.log_path = workdir / f"agent-{uuid.uuid4().hex[:6]}.log"
         self.notify = NotifyListener(workdir / f"notify-{uuid.uuid4().hex[:6]}.sock")
-        env = {**os.environ, "NOTIFY_SOCKET": self.notify.path, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "NOTIFY_SOCKET": self.notify.path, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         if watchdog_usec:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()

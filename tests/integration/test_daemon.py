@@ -452,3 +452,23 @@ def test_tls_with_password_and_acl(tmp_path, tiny_bundle, start_agent):
         assert not refused.app.transport.connected
     finally:
         broker.stop()
+
+
+def test_a_flood_of_requests_is_answered_rate_limited_and_a_config_that_would_starve_the_box_is_refused(
+    start_agent, peer
+):
+    agent = start_agent()
+    peer.publish("config", {"version": 1, "inference": {"max_requests_per_s": 2}}, retain=True)
+    peer.expect("config/state", lambda m: m["version"] == 1 and m["status"] == "accepted")
+    for i in range(12):
+        peer.publish("infer/req", {"id": f"f{i}", "text": f"flood {i}"})
+    answers = [peer.expect("infer/res", lambda m, i=i: m["id"] == f"f{i}").json for i in range(12)]
+    limited = [a for a in answers if "error" in a]
+    assert 5 <= len(limited) <= 10, answers  # a burst of 2, then 2/s while the flood lasts
+    assert {a["error"]["code"] for a in limited} == {"rate_limited"}
+    assert agent.app.counters.get("rejected", "rate_limited") == len(limited)
+
+    peer.publish("config", {"version": 2, "learning": {"threads": 64}}, retain=True)
+    state = peer.expect("config/state", lambda m: m["version"] == 2).json
+    assert state["status"] == "rejected" and "learning.threads" in state["errors"][0]
+    assert agent.app.runtime.version == 1
