@@ -1,8 +1,14 @@
 """The MQTT transport: paho v2 behind a small interface. The only module that imports paho.
 
 MQTT 5, QoS 1, a stable client id and a persistent session (``clean_start=False`` plus a session
-expiry), a retained last will, subscriptions made in ``on_connect``, refused connections logged as
-refused (``reason_code.is_failure``), reconnects with backoff.
+expiry), a retained last will, subscriptions made in ``on_connect``, reconnects with backoff.
+
+A connection that fails says why, in ``last_error`` (status, telemetry's ``mqtt``, the daemon's
+systemd STATUS line) and in the log: a refused CONNACK with the broker's reason code and what to
+check (user name and password, client certificate), a TLS failure with OpenSSL's verdict (untrusted
+CA, a certificate that does not name the host, a client certificate the broker refused), a
+connection the broker closed before it answered (plain TCP to a TLS listener). paho by itself only
+retries; the log repeats an unchanged error at most every ``REPEAT_ERROR_LOG_S``.
 
 Inbound QoS 1 messages are acked by the application (``manual_ack``): handlers call
 ``Transport.ack(msg)`` once the message's effect is durable. A message carries the connection
@@ -26,6 +32,8 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
+import sys
 import threading
 import time
 import uuid
@@ -51,6 +59,8 @@ MAX_QUEUED_OUT = 20000
 SYS_DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 # Under the box's own namespace (next to the will's topic), which a box's ACL grants it.
 RESUME_MARKER_SUFFIX = "mqtt/resume"
+# An unchanged connection error is logged again (at ERROR) after this long; DEBUG in between.
+REPEAT_ERROR_LOG_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -155,7 +165,12 @@ class MqttClient:
         self._connected = False
         self._connected_event = threading.Event()
         self._stopping = False
+        # Why the last connection attempt failed (None once connected); see _fail().
         self.last_error: str | None = None
+        self._failures = 0  # attempts failed since the last successful connection
+        self._error_logged_at = 0.0
+        self._socket_error: str | None = None  # paho's last socket error in this attempt
+        self._attempt_failed = False  # this attempt's failure is recorded already
         parent = will.topic.rpartition("/")[0]
         self._marker_topic = resume_marker_topic or (
             f"{parent}/{RESUME_MARKER_SUFFIX}" if parent else f"{RESUME_MARKER_SUFFIX}/{client_id}"
@@ -201,6 +216,9 @@ class MqttClient:
                 keyfile=str(tls.key_file) if tls.key_file else None,
             )
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_pre_connect = self._on_pre_connect
+        client.on_log = self._on_log
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
@@ -261,6 +279,8 @@ class MqttClient:
                 "queued_received_total": self._queued_total,
                 "broker_dropped": self._broker_dropped,
                 "shipped_broker_queue": SHIPPED_BROKER_QUEUE.describe(),
+                "last_error": self.last_error,
+                "connect_failures": self._failures,
             }
 
     def _unacked_out(self) -> int:
@@ -316,11 +336,101 @@ class MqttClient:
         if self._connected:
             self._client.subscribe(topic, options=SubscribeOptions(qos=QOS))
 
+    # ---- connection errors ---------------------------------------------------------------------
+    def _fail(self, error: str, hint: str = "") -> None:
+        """Record why a connection attempt failed; log it when it is new, or now and then."""
+        if hint:
+            error = f"{error}; {hint}"
+        now = time.monotonic()
+        self._failures += 1
+        self._attempt_failed = True
+        repeated = error == self.last_error
+        self.last_error = error
+        where = f"mqtt {self._broker.host}:{self._broker.port}"
+        if not repeated or now - self._error_logged_at >= REPEAT_ERROR_LOG_S:
+            self._error_logged_at = now
+            suffix = f" ({self._failures} attempts so far)" if repeated else ""
+            log.error("%s: %s; retrying%s", where, error, suffix)
+        else:
+            log.debug("%s: %s (attempt %d)", where, error, self._failures)
+
+    def _refusal_hint(self, reason_code) -> str:
+        """What on this box to look at when the broker refused the CONNECT."""
+        value = getattr(reason_code, "value", None)
+        broker = self._broker
+        if value in (134, 135):  # Bad user name or password, Not authorized
+            if broker.username:
+                if broker.password_credential:
+                    source = f"password_credential {broker.password_credential!r}"
+                elif broker.password_file:
+                    source = f"password_file {broker.password_file}"
+                else:
+                    source = "no password set"
+                return (
+                    f"user {broker.username!r} with {source}: does the broker's password file have "
+                    "this user with this password?"
+                )
+            if broker.tls is not None and broker.tls.cert_file is not None:
+                return "no broker.username: does the broker take the client certificate's CN as the user?"
+            return "no broker.username set: the broker wants a user name and password"
+        if value == 133:  # Client identifier not valid
+            return f"client id {self._client_id!r}"
+        return ""
+
+    def _tls_hint(self, error: str) -> str:
+        upper = error.upper()
+        tls = self._broker.tls
+        if "HOSTNAME MISMATCH" in upper or "IP ADDRESS MISMATCH" in upper:
+            return (
+                f"it does not name {self._broker.host!r} (broker.host): connect to a name it lists, "
+                "or reissue it for this one (edge-agent certs server --host)"
+            )
+        if "CERTIFICATE_VERIFY_FAILED" in upper:
+            ca = tls.ca_file if tls is not None else "the system's CAs"
+            return f"is broker.tls.ca_file ({ca}) the CA that signed it, and is it still valid?"
+        if "CERTIFICATE_REQUIRED" in upper or ("HANDSHAKE_FAILURE" in upper and tls and not tls.cert_file):
+            return "the broker wants a client certificate: set cert_file and key_file in [broker.tls]"
+        if any(a in upper for a in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_REVOKED", "EXPIRED")):
+            cert = tls.cert_file if tls is not None else None
+            return (
+                f"the broker refused this box's client certificate ({cert}): signed by another CA, "
+                "revoked or expired"
+            )
+        if "WRONG_VERSION_NUMBER" in upper or "RECORD_LAYER_FAILURE" in upper:
+            return "the port does not speak TLS: is broker.port the broker's TLS listener?"
+        return ""
+
+    def _on_pre_connect(self, client, userdata) -> None:
+        self._socket_error, self._attempt_failed = None, False
+
+    def _on_log(self, client, userdata, level, buf) -> None:
+        # paho logs a socket error, then tells on_disconnect only "Unspecified error".
+        if level == paho.MQTT_LOG_ERR and buf.startswith("failed to receive on socket: "):
+            self._socket_error = buf.removeprefix("failed to receive on socket: ")
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this in its ``except OSError`` around the connect: the error is the one in flight.
+        exc = sys.exc_info()[1]
+        if self._stopping:
+            return
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            detail = exc.verify_message or str(exc)
+            self._fail(
+                f"TLS: the broker's certificate failed verification: {detail}", self._tls_hint(str(exc))
+            )
+        elif isinstance(exc, ssl.SSLError):
+            self._fail(f"TLS handshake failed: {exc.reason or exc}", self._tls_hint(str(exc)))
+        elif isinstance(exc, ConnectionRefusedError):
+            self._fail("connection refused", "is the broker running and listening on this port?")
+        elif isinstance(exc, socket.gaierror):
+            self._fail(f"cannot resolve {self._broker.host!r}: {exc.strerror or exc}")
+        else:
+            self._fail(f"cannot connect: {exc}" if exc is not None else "cannot connect")
+
     # ---- paho callbacks (paho's network thread) ----------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            self.last_error = f"broker refused the connection: {reason_code}"
-            log.error("mqtt %s:%s: %s", self._broker.host, self._broker.port, self.last_error)
+            self._fail(f"broker refused the connection: {reason_code}", self._refusal_hint(reason_code))
             return
         sock = client.socket()
         if sock is not None:
@@ -337,13 +447,14 @@ class MqttClient:
             else:
                 self._sessions_new += 1
                 self._resume_nonce = None
-        self.last_error = None
+        failures, self._failures, self.last_error = self._failures, 0, None
         log.info(
-            "mqtt connected to %s:%s as %s (session %s)",
+            "mqtt connected to %s:%s as %s (session %s)%s",
             self._broker.host,
             self._broker.port,
             self._client_id,
             "resumed" if flags.session_present else "new",
+            f" after {failures} failed attempts" if failures else "",
         )
         # topic -> (QoS, send the retained message)
         subscriptions = {t: (QOS, retained) for t, retained in self._subscriptions.items()}
@@ -399,8 +510,16 @@ class MqttClient:
             )
         self._connected_event.clear()
         if was_connected and not self._stopping:
-            self.last_error = f"connection lost: {reason_code}"
+            self.last_error = f"connection lost: {self._socket_error or reason_code}"
             log.warning("mqtt %s:%s: %s; reconnecting", self._broker.host, self._broker.port, self.last_error)
+        elif not was_connected and not self._stopping and not self._attempt_failed:
+            # Closed before the CONNACK: a TLS alert (client certificate refused), or plain TCP
+            # to a TLS listener (the broker resets the connection at the first bytes).
+            cause = self._socket_error or "end of stream"
+            hint = self._tls_hint(cause)
+            if not hint and self._broker.tls is None:
+                hint = "is it a TLS listener? [broker.tls] is not set, so this box speaks plain TCP"
+            self._fail(f"the broker closed the connection before answering: {cause}", hint)
         if self._on_connection_change:
             self._on_connection_change(False)
 
