@@ -108,7 +108,72 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
     return 0 if check.ok else 1
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from agent.ops import certs
+
+    days = {"days": args.days} if args.days else {}
+    ca_dir = Path(args.ca) if getattr(args, "ca", None) else None
+    out = Path(args.out) if getattr(args, "out", None) else None
+    try:
+        if args.certs_command == "ca":
+            assert out is not None
+            issued = [certs.make_ca(out, args.cn, use_rsa=args.rsa, overwrite=args.force, **days)]
+        elif args.certs_command == "server":
+            assert ca_dir is not None
+            issued = [
+                certs.make_server(
+                    ca_dir, args.host, out, name=args.name, use_rsa=args.rsa, overwrite=args.force, **days
+                )
+            ]
+        elif args.certs_command == "client":
+            assert ca_dir is not None
+            issued = [
+                certs.make_client(ca_dir, name, out, use_rsa=args.rsa, overwrite=args.force, **days)
+                for name in args.name
+            ]
+        else:
+            assert ca_dir is not None
+            crl, serials = certs.revoke(ca_dir, [Path(c) for c in args.cert], **days)
+            print(f"{crl}: {len(serials)} revoked certificate(s); mosquitto: crlfile {crl}, then restart it")
+            return 0
+    except FileExistsError as e:
+        print(f"edge-agent: error: {e}", file=sys.stderr)
+        return 64  # EX_USAGE
+    for item in issued:
+        print(certs.describe(item.cert))
+        print(f"{item.key}: private key (mode 0600)")
+    return 0
+
+
+def _add_certs_command(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("certs", help="a CA, the broker's certificate and client certificates for TLS")
+    csub = c.add_subparsers(dest="certs_command", required=True)
+    ca = csub.add_parser("ca", help="a new CA: DIR/ca.crt (to every box and the broker), DIR/ca.key")
+    ca.add_argument("--out", required=True, help="directory for ca.crt and ca.key")
+    ca.add_argument("--cn", default="edge-agent broker CA", help="the CA's common name")
+    server = csub.add_parser("server", help="the broker's certificate for its host names and addresses")
+    server.add_argument(
+        "--host", action="append", required=True, help="DNS name or IP the boxes connect to (repeat)"
+    )
+    server.add_argument("--name", default="server", help="file name: NAME.crt and NAME.key (default server)")
+    client = csub.add_parser("client", help="client certificates; the common name is the broker user name")
+    client.add_argument("--name", action="append", required=True, help="device id or user name (repeat)")
+    for p in (server, client):
+        p.add_argument("--ca", required=True, help="directory with ca.crt and ca.key")
+        p.add_argument("--out", help="directory for the certificate and key (default: the CA's)")
+    for p in (ca, server, client):
+        p.add_argument("--rsa", action="store_true", help="RSA 2048 instead of ECDSA P-256")
+        p.add_argument("--force", action="store_true", help="replace existing files")
+    rev = csub.add_parser("revoke", help="add certificates to DIR/ca.crl (mosquitto crlfile); none: renew it")
+    rev.add_argument("--ca", required=True, help="directory with ca.crt and ca.key")
+    rev.add_argument("cert", nargs="*", help="certificate files to revoke")
+    for p in (ca, server, client, rev):
+        p.add_argument("--days", type=int, help="validity in days (CA 3650, certificates 825, CRL 365)")
+    c.set_defaults(func=_cmd_certs)
+
+
 def _add_ops_commands(sub: argparse._SubParsersAction) -> None:
+    _add_certs_command(sub)
     ins = sub.add_parser("install", help="lay out user, directories, config, credentials and systemd units")
     ins.add_argument(
         "--root", default="/", help="install under DIR instead of / (runs no systemctl/sysusers)"
@@ -174,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("texts", nargs="*")
     pr.set_defaults(func=_cmd_predict)
 
-    _add_ops_commands(sub)  # install, healthcheck
+    _add_ops_commands(sub)  # certs, install, healthcheck
     from agent.daemon import add_commands
 
     add_commands(sub)  # run, validate-config, config-schema
