@@ -1,9 +1,25 @@
 """The inference engine: tokenizer, ONNX Runtime session, micro-batching, cache and adapter hot swap.
 
 No torch on this path. One worker thread owns batching; ONNX Runtime releases the GIL while it
-runs, so MQTT and the store keep going. Requests take a snapshot of the active adapter when their
-batch starts, so a swap never changes a request half way: in-flight batches finish on the adapter
-they started with, the next batch uses the new one.
+runs, so MQTT and the store keep going. Requests take a snapshot of what serves (``_Active``) when
+their batch starts, so a swap never changes a request half way: in-flight batches finish on the
+adapter and session they started with, the next batch uses the new one.
+
+Serving paths (``stats()["serving_path"]``):
+
+* ``base``: the bundle's graph, no adapter;
+* ``lora``: the bundle's graph with the adapter through its LoRA inputs (ORT's LoRA API). An
+  activation serves this way at once;
+* ``merged``: a session whose weights have the adapter folded in (``agent.merge``), built by a
+  background thread after each activation, checked against the serving path on the plant's own
+  texts and swapped in between batches. A newer activation cancels a build in progress. At most
+  two model sessions are alive (the bundle's, which the next swap needs at once, and the merged
+  one); the build waits for the previous merged session to be released before it makes its own.
+
+While a learner round runs on the same cores (``set_background_load``), batches run on a second
+session of the serving model with fewer intra-op threads (built in the background, freed after):
+ONNX Runtime cannot change a session's thread count, and a 2-thread pool that shares a core with
+the learner doubles the batch-1 p99 on a 2-core box (README, Operations).
 """
 
 from __future__ import annotations
@@ -12,13 +28,17 @@ import itertools
 import logging
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -49,13 +69,19 @@ CALIBRATION_TEXTS = [
     "motor M4 overheating, thermal relay tripped",
     "compressed air 4.1 bar below setpoint 6 bar",
 ]
+MAX_CALIBRATION_TEXTS = 256
+# A merged fp32 session differs from the LoRA path only by float rounding of W + A·B.
+MERGE_FP32_TOLERANCE = 1e-3
+# Where the batcher's time goes: waiting for more requests to join a batch, cache lookups and
+# de-duplication, tokenizer, padding, ONNX Runtime, top-k + Prediction objects + cache, futures.
+STAGES = ("collect", "lookup", "tokenize", "pad", "run", "post", "reply")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     # Texts taken from the queue per cycle, sorted by length together, then cut into ORT runs of at
     # most max_batch_tokens padded tokens: short plant texts share big runs, long ones small runs.
-    max_batch: int = 128
+    max_batch: int = 256
     max_batch_tokens: int = 2048
     max_wait_ms: float = 2.0  # only waited for under load: an idle box answers at once
     top_k: int = 3
@@ -64,9 +90,17 @@ class EngineConfig:
     precision: str = "auto"  # auto | fp32 | int8 | fp16
     provider: str = "auto"  # auto | cpu | cuda | tensorrt
     min_int8_agreement: float = 0.99
+    # Fold an activated adapter into the weights in the background and serve the merged session.
+    merge_adapters: bool = True
+    # A build starts this long after the activation: an adapter swapped again within it costs
+    # nothing (rollbacks, benchmarks that swap back and forth).
+    merge_delay_s: float = 0.5
+    # Intra-op threads while a learner round runs beside the engine (set_background_load);
+    # default: one fewer than intra_op_threads, at least one.
+    background_threads: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Prediction:
     label: str
     score: float
@@ -81,8 +115,17 @@ class _Active:
     version: str | None
     labels: list[str]
     run_options: ort.RunOptions
+    session: ort.InferenceSession
+    path: str  # "base" | "lora" | "merged"
+    generation: int
     handle: ort.LoraAdapter | None = None
-    path: Path | None = None
+    adapter_file: Path | None = None
+    model_file: Path | None = None  # where the merged model is on disk (lean copies load it)
+    lean: ort.InferenceSession | None = None  # fewer threads, while a learner round runs
+
+    @property
+    def runner(self) -> ort.InferenceSession:
+        return self.lean if self.lean is not None else self.session
 
 
 @dataclass
@@ -90,6 +133,17 @@ class _Request:
     texts: list[str]
     future: Future
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _MergeJob:
+    generation: int
+    adapter: OrtAdapter
+    queued: float = field(default_factory=time.monotonic)
+
+
+class _Cancelled(Exception):
+    pass
 
 
 _STOP = object()
@@ -104,16 +158,27 @@ class InferenceEngine:
         plan: prov.ExecutionPlan,
         config: EngineConfig,
         work_dir: Path,
+        calibration_texts: list[str] | None = None,
+        owns_work_dir: bool = False,
     ):
         self.manifest = manifest
         self.bundle_dir = bundle_dir
-        self._session = session
         self._plan = plan
         self._config = config
         self._work_dir = work_dir
+        self._owns_work_dir = owns_work_dir
+        self._threads = config.intra_op_threads or _physical_cores()
+        self._lean_threads = max(1, config.background_threads or self._threads - 1)
         self._tokenizer = _load_tokenizer(bundle_dir, manifest.max_length)
         self._pad_id = self._tokenizer.token_to_id("[PAD]") or 0
-        self._active = _Active(None, list(manifest.labels), ort.RunOptions())
+        self._calibration = _calibration_set(calibration_texts)
+        # Model sessions alive (the bundle's, a merged one, a calibration pass) and lean copies.
+        self._sessions: weakref.WeakSet[ort.InferenceSession] = weakref.WeakSet()
+        self._lean_sessions: weakref.WeakSet[ort.InferenceSession] = weakref.WeakSet()
+        self._sessions.add(session)
+        self._base_session = session
+        self._generation = itertools.count(1)
+        self._active = _Active(None, list(manifest.labels), ort.RunOptions(), session, "base", 0)
         self._swap_lock = threading.Lock()
         self._adapter_seq = itertools.count()
         self._cache: OrderedDict[tuple[str | None, str], Prediction] = OrderedDict()
@@ -124,12 +189,28 @@ class InferenceEngine:
             "requests": 0,
             "texts": 0,
             "batches": 0,
+            "runs": 0,
             "cache_hits": 0,
             "cache_misses": 0,
+            "duplicates_in_batch": 0,
+            "real_tokens": 0,
+            "padded_tokens": 0,
             "errors": 0,
         }
+        self._stage_s = dict.fromkeys(STAGES, 0.0)
+        self._queue_wait_s = 0.0  # summed over requests: enqueue to the start of their batch
+        self._merge: dict[str, Any] = {"state": "idle" if config.merge_adapters else "disabled"}
+        self._merge_counts = {"builds": 0, "switched": 0, "cancelled": 0, "failed": 0}
+        self._merge_done = threading.Condition()
+        self._background = False
         self._under_load = False
         self._closed = False
+        # The builder thread: merged sessions and lean copies, one at a time, never on the batcher.
+        self._jobs = threading.Condition()
+        self._merge_job: _MergeJob | None = None
+        self._building_options: ort.SessionOptions | None = None
+        self._builder = threading.Thread(target=self._build_loop, name="inference-builder", daemon=True)
+        self._builder.start()
         self._worker = threading.Thread(target=self._loop, name="inference-batcher", daemon=True)
         self._worker.start()
 
@@ -146,11 +227,13 @@ class InferenceEngine:
         """Load a bundle, pick provider and precision for this box, optionally activate an adapter.
 
         ``calibration_texts``: the box's own texts (the daemon passes recent holdout samples) for
-        the INT8-vs-fp32 trial; a handful of built-in plant texts otherwise.
+        the INT8-vs-fp32 trial and for calibrating and checking merged sessions; a handful of
+        built-in plant texts otherwise.
         """
         config = config or EngineConfig()
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir)
+        owns = work_dir is None
         work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="edge-agent-adapters-"))
         work_dir.mkdir(parents=True, exist_ok=True)
         plan = prov.plan_execution(
@@ -167,7 +250,7 @@ class InferenceEngine:
                 ),
             )
         session, plan = _create_session(bundle_dir, manifest, plan, config)
-        engine = cls(manifest, bundle_dir, session, plan, config, work_dir)
+        engine = cls(manifest, bundle_dir, session, plan, config, work_dir, calibration_texts, owns)
         if adapter is not None:
             engine._activate(adapter)
         log.info(
@@ -194,11 +277,16 @@ class InferenceEngine:
 
     @property
     def provider(self) -> str:
-        return self._session.get_providers()[0]
+        return self._base_session.get_providers()[0]
 
     @property
     def config(self) -> EngineConfig:
         return self._config
+
+    @property
+    def serving_path(self) -> str:
+        """``base``, ``lora`` (adapter through the LoRA inputs) or ``merged`` (adapter folded in)."""
+        return self._active.path
 
     def submit(self, texts: list[str]) -> Future:
         """Queue texts for classification; the future resolves to one Prediction per text."""
@@ -209,7 +297,7 @@ class InferenceEngine:
         if not texts:
             fut.set_result([])
             return fut
-        self._queue.put(_Request(list(texts), fut))
+        self._queue.put(_Request(texts if isinstance(texts, list) else list(texts), fut))
         return fut
 
     def predict(self, texts: list[str], timeout: float | None = 60.0) -> list[Prediction]:
@@ -221,11 +309,51 @@ class InferenceEngine:
         return self._activate(adapter)
 
     def deactivate_adapter(self) -> None:
-        with self._swap_lock:
-            self._active = _Active(None, list(self.manifest.labels), ort.RunOptions())
+        gen = next(self._generation)
+        new = _Active(None, list(self.manifest.labels), ort.RunOptions(), self._base_session, "base", gen)
+        self._swap(new)
+        with self._jobs:
+            self._merge_job = None
+            self._cancel_building()
+            self._jobs.notify_all()
+        self._set_merge({"state": "idle" if self._config.merge_adapters else "disabled"})
+
+    def wait_merged(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Wait until no merge is pending or building (tests, benchmarks); the merge state."""
+        deadline = time.monotonic() + timeout
+        with self._merge_done:
+            while self._merge.get("state") in ("queued", "building"):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._merge_done.wait(left)
+            return dict(self._merge)
+
+    def set_background_load(self, busy: bool) -> None:
+        """A learner round starts (True) or ends (False) on this box's cores.
+
+        While busy, batches run on a copy of the serving session with ``background_threads``
+        intra-op threads (built in the background; until it is ready the full session serves),
+        so the engine's pool does not wait on a core the learner holds. Back to full threads at
+        once when it ends.
+        """
+        if busy == self._background:
+            return
+        self._background = busy
+        log.info(
+            "background load %s: serving with %d intra-op threads",
+            "on" if busy else "off",
+            self._lean_threads if busy else self._threads,
+        )
+        if not busy:
+            with self._swap_lock:
+                if self._active.lean is not None:
+                    self._active = replace(self._active, lean=None)
+        with self._jobs:
+            self._jobs.notify_all()
 
     def apply_config(self, config: EngineConfig) -> None:
-        """Batching, top-k and cache apply live; precision, provider and threads need a restart."""
+        """Batching, top-k, cache and merging apply live; precision, provider and threads need a restart."""
         if config.cache_size < len(self._cache):
             self._cache.clear()
         self._config = replace(
@@ -233,24 +361,26 @@ class InferenceEngine:
             precision=self._config.precision,
             provider=self._config.provider,
             intra_op_threads=self._config.intra_op_threads,
+            background_threads=self._config.background_threads,
         )
 
     def run_padded(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Logits for an already tokenized batch, with the active adapter (benchmarks, parity tests)."""
+        """Logits for an already tokenized batch on what serves now (benchmarks, parity tests)."""
         active = self._active
-        return self._session.run(
+        return active.runner.run(
             ["logits"], {"input_ids": input_ids, "attention_mask": attention_mask}, active.run_options
         )[0]
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Pad to the longest text in ``texts`` (not to max_length: plant texts are short)."""
-        encs = self._tokenizer.encode_batch(texts)
+        encs = self._tokenizer.encode_batch_fast(texts)
         return self._pad([e.ids for e in encs])
 
     def stats(self) -> dict:
         lat = np.array(self._latencies) * 1000.0 if self._latencies else np.zeros(1)
         now = time.perf_counter()
         recent = [t for t in self._done_times if now - t <= 10.0]
+        active = self._active
         return {
             "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99)),
@@ -258,18 +388,33 @@ class InferenceEngine:
             "queue_depth": self._queue.qsize(),
             "cache_entries": len(self._cache),
             **self._counters,
-            "adapter_version": self.adapter_version,
+            "stage_ms": {k: round(v * 1000.0, 3) for k, v in self._stage_s.items()},
+            "queue_wait_ms_total": round(self._queue_wait_s * 1000.0, 3),
+            "adapter_version": active.version,
+            "serving_path": active.path,
+            "merge": {**self._merge, **self._merge_counts},
+            "sessions_alive": len(self._sessions),
+            "lean_sessions_alive": len(self._lean_sessions),
+            "intra_op_threads": self._lean_threads if active.lean is not None else self._threads,
+            "background_load": self._background,
             "precision": self.precision,
             "provider": self.provider,
         }
 
     def close(self) -> None:
-        """Finish queued requests, then stop the worker."""
+        """Finish queued requests, then stop the worker and the builder."""
         if self._closed:
             return
         self._closed = True
+        with self._jobs:
+            self._merge_job = None
+            self._cancel_building()
+            self._jobs.notify_all()
         self._queue.put(_STOP)
         self._worker.join(timeout=30)
+        self._builder.join(timeout=30)
+        if self._owns_work_dir:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
 
     def __enter__(self) -> InferenceEngine:
         return self
@@ -290,21 +435,329 @@ class InferenceEngine:
         # turns a mismatch into a refusal instead of failed requests after the swap.
         ids, mask = self._pad([[self._pad_id]])
         try:
-            logits = self._session.run(["logits"], {"input_ids": ids, "attention_mask": mask}, options)[0]
+            logits = self._base_session.run(["logits"], {"input_ids": ids, "attention_mask": mask}, options)[
+                0
+            ]
         except Exception as e:  # noqa: BLE001 - ORT raises several unrelated exception types
             path.unlink(missing_ok=True)
             raise AdapterError(f"adapter {adapter.version} rejected by the runtime: {e}") from e
         if logits.shape[1] != len(labels) or not np.isfinite(logits).all():
             path.unlink(missing_ok=True)
             raise AdapterError(f"adapter {adapter.version}: probe output {logits.shape} is not usable")
-        new = _Active(adapter.version, labels, options, handle, path)
-        with self._swap_lock:
-            old, self._active = self._active, new
-        # Unlinking a memory-mapped file is safe: batches still holding the old snapshot keep it.
-        if old.path is not None:
-            old.path.unlink(missing_ok=True)
+        gen = next(self._generation)
+        new = _Active(adapter.version, labels, options, self._base_session, "lora", gen, handle, path)
+        old = self._swap(new)
+        with self._jobs:
+            # A build for an older adapter stops at its next check (or its session load aborts).
+            self._cancel_building()
+            if self._config.merge_adapters and not self._closed:
+                self._merge_job = _MergeJob(gen, adapter)
+                self._set_merge({"state": "queued", "version": adapter.version})
+            self._jobs.notify_all()
         log.info("adapter %s active (previous %s)", adapter.version, old.version)
         return adapter.version
+
+    def _swap(self, new: _Active) -> _Active:
+        with self._swap_lock:
+            old, self._active = self._active, new
+        # Unlinking memory-mapped files is safe: batches still holding the old snapshot keep them.
+        if old.adapter_file is not None and old.adapter_file != new.adapter_file:
+            old.adapter_file.unlink(missing_ok=True)
+        if old.model_file is not None and old.model_file != new.model_file:
+            old.model_file.unlink(missing_ok=True)
+        return old
+
+    def _set_merge(self, state: dict[str, Any]) -> None:
+        with self._merge_done:
+            self._merge = state
+            self._merge_done.notify_all()
+
+    def _cancel_building(self) -> None:
+        """Abort a session load in progress (called with ``_jobs`` held)."""
+        if self._building_options is not None:
+            self._building_options.set_load_cancellation_flag(True)
+
+    # ---- the builder thread: merged sessions and lean copies --------------------------------
+    def _build_loop(self) -> None:
+        while True:
+            with self._jobs:
+                while not self._closed and self._merge_job is None and not self._lean_wanted():
+                    self._jobs.wait()
+                if self._closed:
+                    return
+                job = self._merge_job
+                if job is not None:
+                    wait = job.queued + self._config.merge_delay_s - time.monotonic()
+                    if wait > 0:
+                        self._jobs.wait(wait)
+                        continue
+                    self._merge_job = None
+            try:
+                if job is not None:
+                    self._run_merge(job)
+                elif self._lean_wanted():
+                    self._build_lean()
+            except Exception:  # noqa: BLE001 - the builder must survive anything; serving goes on
+                log.exception("inference builder failed")
+
+    def _lean_wanted(self) -> bool:
+        return self._background and self._active.lean is None and self._lean_threads < self._threads
+
+    def _new_session(
+        self, model: str | bytes, threads: int, generation: int | None = None, lean: bool = False
+    ) -> ort.InferenceSession:
+        """A CPU session made by the builder; its load aborts when a newer activation comes."""
+        so = _session_options(self._config, threads)
+        with self._jobs:
+            if generation is not None and self._active_generation_changed(generation):
+                raise _Cancelled()
+            self._building_options = so
+        try:
+            sess = ort.InferenceSession(model, so, providers=self._base_session.get_providers())
+        except Exception as e:
+            if type(e).__name__ == "ModelLoadCanceled":
+                raise _Cancelled() from e
+            raise
+        finally:
+            with self._jobs:
+                self._building_options = None
+        (self._lean_sessions if lean else self._sessions).add(sess)
+        return sess
+
+    def _active_generation_changed(self, generation: int) -> bool:
+        return self._closed or self._active.generation != generation or self._merge_job is not None
+
+    def _build_lean(self) -> None:
+        active = self._active
+        source: str | None = None
+        if active.path == "merged" and active.model_file is not None:
+            source = str(active.model_file)
+        elif active.session is self._base_session:
+            source = str(self.bundle_dir / self.manifest.precisions[self.precision].file)
+        if source is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            lean = self._new_session(source, self._lean_threads, active.generation, lean=True)
+        except _Cancelled:
+            return
+        with self._swap_lock:
+            if (
+                self._background
+                and self._active.generation == active.generation
+                and self._active.session is active.session
+            ):
+                self._active = replace(self._active, lean=lean)
+                log.info(
+                    "serving on %d intra-op threads while the learner runs (copy built in %.1fs)",
+                    self._lean_threads,
+                    time.perf_counter() - t0,
+                )
+
+    def _run_merge(self, job: _MergeJob) -> None:
+        t0 = time.perf_counter()
+        version = job.adapter.version
+        self._set_merge({"state": "building", "version": version})
+        self._merge_counts["builds"] += 1
+        try:
+            result = self._build_merged(job, t0)
+        except _Cancelled:
+            self._merge_counts["cancelled"] += 1
+            log.info("merge of adapter %s cancelled: a newer adapter was activated", version)
+            with self._jobs:
+                pending = self._merge_job
+            state = {"state": "cancelled", "version": version, "build_s": round(time.perf_counter() - t0, 3)}
+            self._set_merge(
+                {"state": "queued", "version": pending.adapter.version, "previous": state}
+                if pending
+                else state
+            )
+            return
+        except Exception as e:  # noqa: BLE001 - a failed merge keeps the LoRA path serving
+            self._merge_counts["failed"] += 1
+            log.warning("merge of adapter %s failed (%s); serving it through the LoRA inputs", version, e)
+            self._set_merge(
+                {
+                    "state": "failed",
+                    "version": version,
+                    "error": str(e)[:500],
+                    "build_s": round(time.perf_counter() - t0, 3),
+                }
+            )
+            return
+        self._set_merge(result)
+
+    def _build_merged(self, job: _MergeJob, t0: float) -> dict[str, Any]:
+        import onnx
+
+        from agent import merge
+
+        gen = job.generation
+
+        def cancel() -> bool:
+            return self._active_generation_changed(gen)
+
+        def check() -> None:
+            if cancel():
+                raise _Cancelled()
+
+        # The previous merged session is no longer served; in-flight batches release it.
+        self._wait_sessions_below(2, check)
+        fp32 = onnx.load(str(self.bundle_dir / self.manifest.precisions["fp32"].file))
+        check()
+        try:
+            merged = merge.fold_adapter(fp32, job.adapter.arrays, cancel)
+        except merge.MergeCancelled as e:
+            raise _Cancelled() from e
+        check()
+        feeds = [
+            self._pad([e.ids for e in self._tokenizer.encode_batch_fast(chunk)])
+            for chunk in self._calibration
+        ]
+        reference: np.ndarray | None = None
+        recipe_info: dict[str, Any] = {}
+        precision = self.precision if self.precision in ("fp32", "int8") else "fp32"
+        if precision == "int8":
+            # One fp32 pass of the merged graph on the plant's texts: activation ranges for the
+            # smoothing and the fp32 reference the INT8 session must agree with.
+            names = merge.calibration_outputs(merged)
+            calib = self._new_session(
+                merge.with_extra_outputs(merged.model, names).SerializeToString(), self._lean_threads, gen
+            )
+            absmax: dict[str, np.ndarray] = {}
+            refs = []
+            for ids, mask in feeds:
+                check()
+                outs = calib.run(["logits", *names], {"input_ids": ids, "attention_mask": mask})
+                refs.append(outs[0])
+                for name, value in zip(names, outs[1:], strict=True):
+                    am = merge.channel_absmax(value, mask)
+                    absmax[name] = np.maximum(absmax[name], am) if name in absmax else am
+            del calib
+            reference = np.concatenate(refs)
+            try:
+                recipe_info = merge.quantize_int8(merged, merge.QuantRecipe(), absmax, cancel)
+            except merge.MergeCancelled as e:
+                raise _Cancelled() from e
+        check()
+        model_file = self._work_dir / f"merged-{gen}.onnx"
+        tmp = model_file.with_name(f".{model_file.name}.tmp")
+        onnx.save(merged.model, str(tmp))
+        del merged, fp32
+        os.replace(tmp, model_file)
+        try:
+            sess = self._new_session(str(model_file), self._threads, gen)
+            check()
+            verdict = self._verify_merged(sess, feeds, reference, precision, gen)
+        except BaseException:
+            model_file.unlink(missing_ok=True)
+            raise
+        build_s = time.perf_counter() - t0
+        result: dict[str, Any] = {
+            "version": job.adapter.version,
+            "precision": precision,
+            "build_s": round(build_s, 3),
+            "verify": verdict,
+            "recipe": recipe_info.get("smooth_alpha", None) if recipe_info else None,
+        }
+        if recipe_info:
+            result["quantization"] = {
+                k: v for k, v in recipe_info.items() if k not in ("quantized", "smoothed")
+            }
+            result["quantization"]["quantized"] = len(recipe_info.get("quantized", []))
+        if not verdict["ok"]:
+            model_file.unlink(missing_ok=True)
+            self._merge_counts["failed"] += 1
+            log.warning(
+                "merged session for adapter %s disagrees (%s); serving it through the LoRA inputs",
+                job.adapter.version,
+                verdict,
+            )
+            return {**result, "state": "failed", "error": verdict["reason"]}
+        with self._swap_lock:
+            current = self._active
+            if current.generation != gen or self._closed:
+                switched = False
+            else:
+                self._active = replace(
+                    current,
+                    session=sess,
+                    run_options=ort.RunOptions(),
+                    path="merged",
+                    model_file=model_file,
+                    lean=None,
+                )
+                switched = True
+        if not switched:
+            model_file.unlink(missing_ok=True)
+            raise _Cancelled()
+        with self._jobs:
+            self._jobs.notify_all()  # a lean copy of the merged session, if a round is running
+        self._merge_counts["switched"] += 1
+        log.info(
+            "adapter %s now served merged (%s, built and checked in %.1fs: %s)",
+            job.adapter.version,
+            precision,
+            build_s,
+            verdict,
+        )
+        return {**result, "state": "serving"}
+
+    def _wait_sessions_below(self, limit: int, check: Callable[[], None], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self._sessions) >= limit and time.monotonic() < deadline:
+            check()
+            time.sleep(0.01)
+
+    def _verify_merged(
+        self,
+        sess: ort.InferenceSession,
+        feeds: list[tuple[np.ndarray, np.ndarray]],
+        fp32_reference: np.ndarray | None,
+        precision: str,
+        gen: int,
+    ) -> dict[str, Any]:
+        """The merged session against the path serving now, on the plant's texts.
+
+        fp32: the same logits up to float rounding. INT8: top-1 agreement with the merged fp32
+        graph at least ``min_int8_agreement``, or at least that of the INT8 LoRA path serving now.
+        """
+        active = self._active
+        if active.generation != gen:
+            raise _Cancelled()
+        merged, serving = [], []
+        for ids, mask in feeds:
+            feed = {"input_ids": ids, "attention_mask": mask}
+            merged.append(sess.run(["logits"], feed)[0])
+            serving.append(active.session.run(["logits"], feed, active.run_options)[0])
+        m, s = np.concatenate(merged), np.concatenate(serving)
+        if not np.isfinite(m).all():
+            return {"ok": False, "reason": "merged logits are not finite", "texts": len(m)}
+        vs_serving = float((m.argmax(1) == s.argmax(1)).mean())
+        out: dict[str, Any] = {
+            "texts": len(m),
+            "agreement_vs_lora_path": round(vs_serving, 4),
+            "max_abs_logit_diff_vs_lora_path": float(np.abs(m - s).max()),
+        }
+        if fp32_reference is None:
+            ok = out["max_abs_logit_diff_vs_lora_path"] <= MERGE_FP32_TOLERANCE
+            out.update(ok=ok, reason="" if ok else f"logits differ by more than {MERGE_FP32_TOLERANCE}")
+            return out
+        vs_fp32 = float((m.argmax(1) == fp32_reference.argmax(1)).mean())
+        lora_vs_fp32 = float((s.argmax(1) == fp32_reference.argmax(1)).mean())
+        out.update(
+            agreement_vs_fp32=round(vs_fp32, 4),
+            lora_path_agreement_vs_fp32=round(lora_vs_fp32, 4),
+            max_abs_logit_diff_vs_fp32=float(np.abs(m - fp32_reference).max()),
+        )
+        ok = vs_fp32 >= min(self._config.min_int8_agreement, lora_vs_fp32)
+        out.update(
+            ok=ok,
+            reason=""
+            if ok
+            else f"INT8 agreement with fp32 {vs_fp32:.3f} below {self._config.min_int8_agreement} and the LoRA path's {lora_vs_fp32:.3f}",
+        )
+        return out
 
     # ---- batching -------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -316,7 +769,8 @@ class InferenceEngine:
             n = len(first.texts)
             stop = False
             cfg = self._config
-            deadline = time.perf_counter() + cfg.max_wait_ms / 1000.0
+            t0 = time.perf_counter()
+            deadline = t0 + cfg.max_wait_ms / 1000.0
             while n < cfg.max_batch:
                 try:
                     req = self._queue.get_nowait()
@@ -334,6 +788,7 @@ class InferenceEngine:
                     break
                 batch.append(req)
                 n += len(req.texts)
+            self._stage_s["collect"] += time.perf_counter() - t0
             self._run_requests(batch)
             self._under_load = not self._queue.empty()
             if stop:
@@ -354,53 +809,85 @@ class InferenceEngine:
 
     def _run_requests(self, batch: list[_Request]) -> None:
         active = self._active
+        start = time.perf_counter()
+        self._queue_wait_s += sum(start - r.enqueued for r in batch)
+        texts = [t for r in batch for t in r.texts]
+        unique = list(dict.fromkeys(texts))
+        self._counters["duplicates_in_batch"] += len(texts) - len(unique)
         try:
-            results = self._classify(list(dict.fromkeys(t for r in batch for t in r.texts)), active)
+            results = self._classify(unique, active)
         except Exception as e:  # noqa: BLE001 - a failed batch must fail its futures, not the worker
             log.exception("inference batch failed")
             self._counters["errors"] += 1
             for r in batch:
                 r.future.set_exception(e)
             return
-        now = time.perf_counter()
+        t1 = time.perf_counter()
         for r in batch:
             r.future.set_result([results[t] for t in r.texts])
-            self._latencies.append(now - r.enqueued)
-            self._done_times.append(now)
+            self._latencies.append(t1 - r.enqueued)
+        self._done_times.extend(itertools.repeat(t1, len(batch)))
         self._counters["requests"] += len(batch)
         self._counters["batches"] += 1
+        self._stage_s["reply"] += time.perf_counter() - t1
 
     def _classify(self, texts: list[str], active: _Active) -> dict[str, Prediction]:
         cfg = self._config
+        t_lookup = time.perf_counter()
         out: dict[str, Prediction] = {}
         misses = []
-        for t in texts:
-            hit = self._cache.get((active.version, t)) if cfg.cache_size else None
-            if hit is not None:
-                self._cache.move_to_end((active.version, t))
-                out[t] = hit
-            else:
-                misses.append(t)
+        version = active.version
+        cache = self._cache if cfg.cache_size else None
+        if cache is not None:
+            for t in texts:
+                hit = cache.get((version, t))
+                if hit is not None:
+                    cache.move_to_end((version, t))
+                    out[t] = hit
+                else:
+                    misses.append(t)
+        else:
+            misses = texts
         self._counters["texts"] += len(texts)
         self._counters["cache_hits"] += len(texts) - len(misses)
         self._counters["cache_misses"] += len(misses)
+        stage = self._stage_s
+        t0 = time.perf_counter()
+        stage["lookup"] += t0 - t_lookup
         if not misses:
             return out
-        encs = self._tokenizer.encode_batch(misses)
-        # Length bucketing: sorted by length, each chunk is padded only to its own longest text.
-        order = sorted(range(len(misses)), key=lambda i: len(encs[i].ids))
-        for chunk in _chunks(order, [len(encs[i].ids) for i in order], cfg.max_batch, cfg.max_batch_tokens):
-            ids, mask = self._pad([encs[i].ids for i in chunk])
-            logits = self._session.run(
-                ["logits"], {"input_ids": ids, "attention_mask": mask}, active.run_options
+        # No offsets, no padding: the ids are all the model needs.
+        ids = [e.ids for e in self._tokenizer.encode_batch_fast(misses)]
+        lengths = [len(x) for x in ids]
+        t1 = time.perf_counter()
+        stage["tokenize"] += t1 - t0
+        # Length bucketing: sorted by length, each run is padded only to its own longest text.
+        order = sorted(range(len(misses)), key=lengths.__getitem__)
+        runner = active.runner
+        labels = active.labels
+        for chunk in _chunks(order, [lengths[i] for i in order], cfg.max_batch, cfg.max_batch_tokens):
+            ta = time.perf_counter()
+            batch_ids, mask = self._pad([ids[i] for i in chunk])
+            tb = time.perf_counter()
+            logits = runner.run(
+                ["logits"], {"input_ids": batch_ids, "attention_mask": mask}, active.run_options
             )[0]
-            for i, pred in zip(chunk, _top_k(logits, active.labels, cfg.top_k, active.version), strict=True):
+            tc = time.perf_counter()
+            for i, pred in zip(chunk, _top_k(logits, labels, cfg.top_k, version), strict=True):
                 out[misses[i]] = pred
-        if cfg.cache_size:
+            stage["pad"] += tb - ta
+            stage["run"] += tc - tb
+            stage["post"] += time.perf_counter() - tc
+            self._counters["runs"] += 1
+            self._counters["padded_tokens"] += batch_ids.size
+        self._counters["real_tokens"] += sum(lengths)
+        if cache is not None:
+            t2 = time.perf_counter()
             for t in misses:
-                self._cache[(active.version, t)] = out[t]
-            while len(self._cache) > cfg.cache_size:
-                self._cache.popitem(last=False)
+                cache[(version, t)] = out[t]
+            while len(cache) > cfg.cache_size:
+                cache.popitem(last=False)
+            stage["post"] += time.perf_counter() - t2
         return out
 
     def _pad(self, id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -409,12 +896,13 @@ class InferenceEngine:
 
 def pad_ids(id_lists: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad token id lists to the longest one: (input_ids, attention_mask) as int64."""
-    longest = max(len(x) for x in id_lists)
+    lengths = np.fromiter((len(x) for x in id_lists), dtype=np.int64, count=len(id_lists))
+    longest = int(lengths.max())
+    mask = (np.arange(longest)[None, :] < lengths[:, None]).astype(np.int64)
     ids = np.full((len(id_lists), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(id_lists), longest), dtype=np.int64)
-    for row, x in enumerate(id_lists):
-        ids[row, : len(x)] = x
-        mask[row, : len(x)] = 1
+    ids[mask.astype(bool)] = np.fromiter(
+        itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum())
+    )
     return ids, mask
 
 
@@ -438,12 +926,19 @@ def _top_k(logits: np.ndarray, labels: list[str], k: int, version: str | None) -
     probs = np.exp(z)
     probs /= probs.sum(axis=1, keepdims=True)
     k = max(1, min(k, len(labels)))
-    top = np.argsort(-probs, axis=1)[:, :k]
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    # One conversion to Python for the whole run instead of one float() per value.
+    scores = np.round(np.take_along_axis(probs, top, axis=1).astype(np.float64), 6).tolist()
     preds = []
-    for row, idx in enumerate(top):
-        pairs = [(labels[j], round(float(probs[row, j]), 6)) for j in idx]
+    for idx, sc in zip(top.tolist(), scores, strict=True):
+        pairs = [(labels[j], s) for j, s in zip(idx, sc, strict=True)]
         preds.append(Prediction(pairs[0][0], pairs[0][1], pairs, version))
     return preds
+
+
+def _calibration_set(texts: list[str] | None, chunk: int = 64) -> list[list[str]]:
+    unique = list(dict.fromkeys(texts or []))[:MAX_CALIBRATION_TEXTS] or CALIBRATION_TEXTS
+    return [unique[i : i + chunk] for i in range(0, len(unique), chunk)]
 
 
 def _load_tokenizer(bundle_dir: Path, max_length: int) -> Tokenizer:
@@ -453,10 +948,9 @@ def _load_tokenizer(bundle_dir: Path, max_length: int) -> Tokenizer:
     return tok
 
 
-def _session_options(config: EngineConfig) -> ort.SessionOptions:
+def _session_options(config: EngineConfig, threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
-    threads = config.intra_op_threads or _physical_cores()
-    so.intra_op_num_threads = threads
+    so.intra_op_num_threads = threads or config.intra_op_threads or _physical_cores()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -501,8 +995,8 @@ def _measure_cpu_precision(
 ) -> str:
     """Time fp32 and INT8 on this CPU and keep INT8 only if it is faster and agrees with fp32."""
     tok = _load_tokenizer(bundle_dir, manifest.max_length)
-    texts = list(dict.fromkeys(calibration_texts or []))[:256] or CALIBRATION_TEXTS
-    encs = tok.encode_batch(texts)
+    texts = [t for chunk in _calibration_set(calibration_texts) for t in chunk]
+    encs = tok.encode_batch_fast(texts)
     # Agreement over every calibration text (in chunks); timing on a batch of 16 and a single text.
     agree_feeds = [
         dict(zip(("input_ids", "attention_mask"), pad_ids([e.ids for e in encs[i : i + 64]]), strict=True))

@@ -18,7 +18,10 @@ TEXTS = [f"motor M{i} current {i * 1.7:.1f}A above limit on line {i % 3}" for i 
 
 @pytest.fixture
 def engine(tiny_bundle):
-    with InferenceEngine.open(tiny_bundle, EngineConfig(precision="fp32", provider="cpu", cache_size=0)) as e:
+    # The LoRA path only: exact comparisons of predictions before and after a refusal must not
+    # straddle the switch to a merged session (tests/integration/test_engine_merge.py).
+    cfg = EngineConfig(precision="fp32", provider="cpu", cache_size=0, merge_adapters=False)
+    with InferenceEngine.open(tiny_bundle, cfg) as e:
         yield e
 
 
