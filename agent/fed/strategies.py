@@ -22,9 +22,9 @@ Weights are the clients' ``num_examples``. Weighted means have associative parti
 (``partial_sum``, ``merge``, ``finalize``) so several aggregator workers, or a site aggregator feeding
 headquarters, can each sum what they received. Inconsistent input raises ``StrategyError``.
 
-Numerics: stacks are float32 and the weighted sums run in float32 BLAS (relative error about 1e-7 per
-sum, far below what the learner resolves); partial sums are stored and merged in float64, and the SVD
-steps run in float64.
+Numerics: stacks are float32 and the weighted sums run in float32 BLAS (relative error about 1e-7,
+two orders below the fleet benchmark's 1e-5 bound on ``exact_error``); partial sums are stored and
+merged in float64, and the SVD steps run in float64.
 """
 
 from __future__ import annotations
@@ -684,7 +684,7 @@ def fedavg_naive(
     batch = _prepare(updates)
     w = batch.weights / batch.weights.sum()
     scales = _clip_scales(batch, clip_norm, clip_median_factor, reference, None)
-    clipped = [b for _, b in batch.split.pairs.values()] + list(batch.split.plain)
+    clipped = {b for _, b in batch.split.pairs.values()} | set(batch.split.plain)
     ref = _reference(reference, batch, clipped)
     coefs = _coefs(w, scales, reference is not None)
     scratch = _Scratch()
