@@ -10,6 +10,7 @@ BENCHMARKS = {
     "inference": "the engine vs torch: kernels, stream, agreement, adapter swap",
     "ingest": "MQTT sample ingest into the store",
     "learning": "on-box LoRA training rounds",
+    "fleet": "federated LoRA over non-IID sites vs local-only and centralized",
 }
 
 

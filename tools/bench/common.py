@@ -301,6 +301,26 @@ def ensure_bundle(bundle: Path) -> Path:
     return bundle
 
 
+def bundle_for_labels(bundle: Path, labels: Iterable[str], work: Path) -> tuple[Path, bool]:
+    """``bundle`` (via ``ensure_bundle``) when it knows every label, else one built for ``sorted(labels)``
+    in ``work`` (fp32 only); and whether it was built."""
+    from agent.bundle import load_manifest
+
+    bundle = ensure_bundle(Path(bundle))
+    wanted = sorted(set(labels))
+    known = set(load_manifest(bundle).labels)
+    if set(wanted) <= known:
+        return bundle, False
+    from agent.build import build_bundle
+
+    out = Path(work) / "bundle"
+    log(
+        f"labels {sorted(set(wanted) - known)[:5]} not in {bundle}: building a bundle for {len(wanted)} labels"
+    )
+    build_bundle(out, labels=wanted, precisions=("fp32",))
+    return out, True
+
+
 def jsonable(obj: Any) -> Any:
     """Plain JSON types: numpy scalars/arrays to Python, NaN/Inf to None, tuples/sets to lists, keys to str."""
     if isinstance(obj, dict):
