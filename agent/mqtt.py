@@ -349,8 +349,8 @@ class MqttClient:
         where = f"mqtt {self._broker.host}:{self._broker.port}"
         if not repeated or now - self._error_logged_at >= REPEAT_ERROR_LOG_S:
             self._error_logged_at = now
-            suffix = f" ({self._failures} attempts so far)" if repeated else ""
-            log.error("%s: %s; retrying%s", where, error, suffix)
+            attempts = f", {self._failures} attempts so far" if repeated else ""
+            log.error("%s: %s (retrying%s)", where, error, attempts)
         else:
             log.debug("%s: %s (attempt %d)", where, error, self._failures)
 
@@ -414,7 +414,7 @@ class MqttClient:
         if self._stopping:
             return
         if isinstance(exc, ssl.SSLCertVerificationError):
-            detail = exc.verify_message or str(exc)
+            detail = (exc.verify_message or str(exc)).rstrip(".")
             self._fail(
                 f"TLS: the broker's certificate failed verification: {detail}", self._tls_hint(str(exc))
             )

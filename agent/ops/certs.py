@@ -14,8 +14,9 @@ valid topic level. Keys are ECDSA P-256 (``rsa=True``: RSA 2048, for clients tha
 as unencrypted PKCS#8 PEM with mode 0600; certificates are PEM, mode 0644.
 
 A revoked certificate goes into ``ca.crl``, signed by the CA; mosquitto refuses it once its
-``crlfile`` points there and it is restarted (or sent SIGHUP, which rereads the TLS files of a
-2.0 listener only on restart: restart it). Revoking again keeps the earlier entries.
+``crlfile`` points there and it is reloaded (SIGHUP; checked with 2.0.11). Revoking again keeps
+the earlier entries; the CRL is valid for a year (``days``), and a stale one makes OpenSSL refuse
+every client certificate, so renew it with ``revoke(ca_dir, [])`` in time.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -294,8 +295,10 @@ def revoke(ca_dir: Path, certs: list[Path], days: int = 365) -> tuple[Path, list
         revoked = {r.serial_number: r.revocation_date_utc for r in old}
     for path in certs:
         cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
-        if cert.issuer != ca_cert.subject:
-            raise ValueError(f"{path} was not issued by {ca_dir / CA_CERT}")
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError, InvalidSignature) as e:
+            raise ValueError(f"{path} was not issued by {ca_dir / CA_CERT}") from e
         revoked.setdefault(cert.serial_number, now)
     builder = (
         x509.CertificateRevocationListBuilder()
