@@ -170,6 +170,10 @@ def test_the_aggregators_defences_refuse_nan_and_leave_out_the_boosted_box():
     assert list(got["refused"]) == [nan_box] and got["refused"][nan_box].startswith("non_finite")
     assert list(got["excluded"]) == [scaled_box]
     assert flip_box in got["devices"] and len(got["kept"]) == 8
+    # The update from the start global: the boosted box is ~100x the median, the flipped one ~1x.
+    ratios = fleet.norm_ratios(f, got["norms"], honest + hostile, start)
+    assert set(ratios) == {scaled_box, flip_box}
+    assert ratios[scaled_box]["update"] > 30 and 0.3 < ratios[flip_box]["update"] < 3
     # What a box sends: the upload (B and head, no A under FFA) in framed chunks of at most chunk_bytes.
     body, frames = f.frames(honest[0], "ffa_lora_trimmed_mean", 1)
     assert len(frames) == math.ceil(len(body) / 4096) and all(len(x) <= 4096 + 1024 for x in frames)

@@ -832,6 +832,31 @@ def run_tfidf(sites: Sequence[Site]) -> dict[str, dict[str, float]]:
     return {"local": local, "centralized": central}
 
 
+def norm_ratios(
+    fleet: Fleet, norms: Mapping[str, float], boxes: Sequence[Box], start: Mapping[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Each accepted hostile box's norm over the round's median: as the aggregator measures it (the
+    whole adapter: ``adapter``) and as the update from the global the boxes started from (``update``)."""
+    import numpy as np
+
+    from agent.fed import strategies
+
+    frozen = fleet.frozen_a()
+    ref = strategies.with_frozen_a(start, frozen)
+    accepted = [b for b in boxes if b.device in norms]
+    updates = {
+        b.device: strategies.update_norm(strategies.with_frozen_a(b.tensors, frozen), reference=ref)
+        for b in accepted
+    }
+    med_adapter = float(np.median(list(norms.values())))
+    med_update = float(np.median(list(updates.values())))
+    return {
+        b.device: {"adapter": norms[b.device] / med_adapter, "update": updates[b.device] / med_update}
+        for b in accepted
+        if b.kind != "honest"
+    }
+
+
 def run_hostile(
     fleet: Fleet, run: dict[str, Any], sites: Sequence[Site], plan: Plan, work: Path, seed: int
 ) -> dict[str, Any]:
@@ -869,11 +894,14 @@ def run_hostile(
             "refused": got["refused"],
             "excluded": got["excluded"],
         }
+        if name == "robust_hostile":
+            out["norm_ratios"] = norm_ratios(fleet, got["norms"], boxes, last["start"])
         log(
             f"[hostile] {name} ({strategy}): {len(got['kept'])} kept, {len(got['refused'])} refused, "
             f"{len(got['excluded'])} left out as outliers; acc {site_mean(accs):.3f}"
         )
     out["byzantine_drop_pts"] = points(out["robust_clean"]["acc"], out["robust_hostile"]["acc"])
+    log(f"[hostile] norm / median norm of the hostile boxes: {json.dumps(out['norm_ratios'])}")
     out["mean_drop_pts"] = points(out["robust_clean"]["acc"], out["mean_hostile"]["acc"])
     out["robust_cost_pts"] = points(run["acc"], out["robust_clean"]["acc"])
     return out
@@ -987,10 +1015,22 @@ def report(result: dict[str, Any]) -> str:
         common.format_table(
             ["figure", "value"],
             [
-                ["exact_error by strategy (max over rounds)", json.dumps(result["exact_error_by_strategy"])],
-                ["upload bytes per box per round", json.dumps(result["upload_bytes_per_round_by_strategy"])],
-                ["aggregate 1,000 adapters (s)", json.dumps(result["aggregate_1000_s_by_strategy"])],
+                [
+                    "exact_error by strategy (max over rounds)",
+                    ", ".join(f"{k} {v:.1e}" for k, v in result["exact_error_by_strategy"].items()),
+                ],
+                [
+                    "upload bytes per box per round",
+                    ", ".join(
+                        f"{k} {v:,.0f}" for k, v in result["upload_bytes_per_round_by_strategy"].items()
+                    ),
+                ],
+                [
+                    f"aggregate {result['aggregate_clients']:,} adapters (s)",
+                    ", ".join(f"{k} {v:.3f}" for k, v in result["aggregate_s_by_strategy"].items()),
+                ],
                 ["decode 1,000 FFA uploads (s)", common.fmt_num(result["decode_1000_s"], 3)],
+                ["hostile norms / median (adapter, update)", json.dumps(h.get("norm_ratios"))],
                 [
                     f"hostile round ({h['boxes']} boxes, {len(h['hostile_boxes'])} hostile)",
                     f"refused {sorted(h['robust_hostile']['refused'])}, left out "
