@@ -13,6 +13,7 @@ this module. Recipe (each step measured, see docs in the README):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,22 @@ def _logits_only(model: Any) -> Any:
     return LogitsOnly(model)
 
 
+BUILD_STAGES = {
+    "load": "load the encoder",
+    "export": "export to ONNX",
+    "fuse": "fuse, add LoRA inputs",
+    "verify": "check fp32 against torch",
+    "int8": "quantize INT8",
+    "fp16": "convert FP16",
+    "manifest": "write the manifest",
+}
+
+
+def build_stages(precisions: tuple[str, ...]) -> list[str]:
+    """The stages ``build_bundle`` goes through for ``precisions``, in order."""
+    return [k for k in BUILD_STAGES if k not in ("int8", "fp16") or k in precisions]
+
+
 def build_bundle(
     out_dir: Path,
     model_path: Path | None = None,
@@ -94,8 +111,17 @@ def build_bundle(
     max_length: int = 128,
     seed: int = 0,
     name: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> BundleManifest:
-    """Build a bundle into ``out_dir`` (replaced atomically when complete) and return its manifest."""
+    """Build a bundle into ``out_dir`` (replaced atomically when complete) and return its manifest.
+
+    ``progress(stage)`` is called as each of ``build_stages(precisions)`` begins (the CLI's bar)."""
+
+    def step(stage: str) -> None:
+        if progress is not None:
+            progress(stage)
+
+    step("load")
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -130,6 +156,7 @@ def build_bundle(
         if not (work / TOKENIZER_JSON).is_file():
             raise BundleError("tokenizer did not produce tokenizer.json")
 
+        step("export")
         ids, mask = _sample_batch(tokenizer, max_length)
         plain = work / "plain.onnx"
         with torch.no_grad():
@@ -146,6 +173,7 @@ def build_bundle(
                 dynamo=False,
             )
 
+        step("fuse")
         fused = _fuse(plain, heads, hidden)
         # Only the dense projections the learner trains get a branch: a q/v bundle stays lean.
         dense = [t for t in lora_graph.DENSE_TARGETS if t in lora.targets]
@@ -156,17 +184,21 @@ def build_bundle(
         fp32 = work / "model.fp32.onnx"
         onnx.save(fused, str(fp32))
         files["fp32"] = PrecisionFile(file=fp32.name, device="cpu")
+        step("verify")
         max_diff = _max_logit_diff(fp32, ids.numpy(), mask.numpy(), reference)
         if max_diff > PARITY_TOLERANCE:
             raise BundleError(f"fused graph differs from torch by {max_diff:.2e} (> {PARITY_TOLERANCE})")
         if "int8" in precisions:
+            step("int8")
             files["int8"] = _quantize_int8(fp32, work / "model.int8.onnx", info)
         if "fp16" in precisions:
+            step("fp16")
             files["fp16"] = _convert_fp16(fused, work / "model.fp16.onnx", info)
         plain.unlink()
         for p in files.values():
             p.size_bytes = (work / p.file).stat().st_size
 
+        step("manifest")
         manifest = BundleManifest(
             name=name or f"{model_path.name}-{len(labels)}labels",
             source=str(getattr(config, "_name_or_path", "") or model_path),

@@ -15,19 +15,34 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def _cmd_model_build(args: argparse.Namespace) -> int:
-    from agent.build import DEFAULT_LABELS_FILE, build_bundle, load_labels
+    from tqdm import tqdm
+
+    from agent.build import BUILD_STAGES, DEFAULT_LABELS_FILE, build_bundle, build_stages, load_labels
     from agent.bundle import LoraSpec
 
     labels = load_labels(Path(args.labels) if args.labels else DEFAULT_LABELS_FILE)
     lora = LoraSpec(rank=args.rank, alpha=args.alpha, targets=args.targets.split(","))
-    m = build_bundle(
-        Path(args.out),
-        model_path=Path(args.model) if args.model else None,
-        labels=labels,
-        lora=lora,
-        precisions=tuple(args.precisions.split(",")),
-        max_length=args.max_length,
-    )
+    precisions = tuple(args.precisions.split(","))
+    stages = build_stages(precisions)
+    # One tick per stage (stderr; a plain line per update without a terminal).
+    with tqdm(total=len(stages), desc="model build", unit="stage", disable=args.quiet) as bar:
+
+        def progress(stage: str) -> None:
+            done = stages.index(stage) if stage in stages else bar.n
+            bar.update(done - bar.n)
+            bar.set_postfix_str(BUILD_STAGES.get(stage, stage))
+
+        m = build_bundle(
+            Path(args.out),
+            model_path=Path(args.model) if args.model else None,
+            labels=labels,
+            lora=lora,
+            precisions=precisions,
+            max_length=args.max_length,
+            progress=progress,
+        )
+        bar.update(bar.total - bar.n)
+        bar.set_postfix_str("done")
     print(f"bundle {args.out}: {m.name}, base {m.base_hash[:12]}, precisions {', '.join(m.precisions)}")
     return 0
 
@@ -106,6 +121,32 @@ def _cmd_healthcheck(args: argparse.Namespace) -> int:
     check = check_status_file(path, max_age_s=args.max_age)
     print(("ok: " if check.ok else "unhealthy: ") + check.reason)
     return 0 if check.ok else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    # The plots live in the checkout's tools/ (shared with `make demo`), beside this package in an
+    # editable install; matplotlib comes with the `report` extra.
+    root = Path(__file__).resolve().parents[1]
+    if (root / "tools" / "report.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        from tools import report
+    except ImportError as e:
+        print(f"edge-agent: error: report needs the checkout's tools/ and matplotlib ({e})", file=sys.stderr)
+        return 2
+    marks = [report.parse_mark(m) for m in args.mark]
+    fleet = report.read_fleet(args.db, marks=marks)
+    summary = report.write_report(fleet, Path(args.out), window=args.window)
+    (Path(args.out) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name, box in summary["per_site"].items():
+        print(
+            f"{name}: {box['predictions']} predictions, prequential accuracy {box['prequential_accuracy']},"
+            f" promoted {box['promoted_local']} local / {box['promoted_fleet']} fleet, {box['samples']} samples"
+        )
+    if summary["rounds_completed"] is not None:
+        print(f"aggregator: {summary['rounds_completed']} rounds completed")
+    print(f"wrote {', '.join(summary['plots'])} and report.json to {args.out}")
+    return 0
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -196,6 +237,18 @@ def _add_ops_commands(sub: argparse._SubParsersAction) -> None:
     hc.add_argument("--config", help="bootstrap TOML file: use data_dir/status.json from it")
     hc.add_argument("--max-age", type=float, default=30.0, help="seconds after which the file is stale")
     hc.set_defaults(func=_cmd_healthcheck)
+    rp = sub.add_parser(
+        "report", help="plots of accuracy, latency and federated rounds from boxes' (and HQ's) databases"
+    )
+    rp.add_argument(
+        "db", nargs="+", help="edge-agent.db of each box (NAME=PATH names it), and the aggregator.db if any"
+    )
+    rp.add_argument("--out", required=True, help="directory for the PNGs and report.json")
+    rp.add_argument(
+        "--mark", action="append", default=[], help="LABEL=TIME (epoch s or ISO 8601) drawn on every plot"
+    )
+    rp.add_argument("--window", type=int, default=50, help="records in the rolling accuracy window")
+    rp.set_defaults(func=_cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--precisions", default="fp32,int8,fp16")
     b.add_argument("--max-length", type=int, default=128)
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_model_build)
     i = model.add_parser("inspect", help="print the manifest and check the bundle")
     i.add_argument("bundle")
@@ -239,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("texts", nargs="*")
     pr.set_defaults(func=_cmd_predict)
 
-    _add_ops_commands(sub)  # certs, install, healthcheck
+    _add_ops_commands(sub)  # install, healthcheck, report
     from agent.daemon import add_commands
 
     add_commands(sub)  # run, validate-config, config-schema
