@@ -68,6 +68,7 @@ def test_open_migrates_once_and_uses_wal(tmp_path):
     assert [r[0] for r in rows(s2, "SELECT name FROM _sqlite_migrations")] == [
         "m001_initial",
         "m002_outbox_for_uploads",
+        "m003_prediction_latency",
     ]
     s2.close()
 
