@@ -862,9 +862,15 @@ def finish(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary, out)
-    clean = all(c == 0 for c in codes.values()) and not results["left_behind"]
-    ok = clean and lost_total == 0 and failed_total == 0 and all(improving.values())
-    return 0 if ok else 1
+    problems = [f"{n} exited with {c}" for n, c in codes.items() if c != 0]
+    problems += [f"left behind: {p}" for p in results["left_behind"]]
+    problems += [f"{lost_total} samples lost"] if lost_total else []
+    problems += [f"{failed_total} requests failed"] if failed_total else []
+    problems += [
+        f"{n}: held-out accuracy did not improve after the drift" for n, ok in improving.items() if not ok
+    ]
+    print("demo checks: " + ("all met" if not problems else "NOT MET: " + "; ".join(problems)))
+    return 0 if not problems else 1
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
