@@ -288,6 +288,14 @@ class InferenceEngine:
         """``base``, ``lora`` (adapter through the LoRA inputs) or ``merged`` (adapter folded in)."""
         return self._active.path
 
+    @property
+    def serving_model_file(self) -> Path:
+        """The ONNX file the serving session was made from: the merged model while merged."""
+        active = self._active
+        if active.path == "merged" and active.model_file is not None:
+            return active.model_file
+        return self.bundle_dir / self.manifest.precisions[self.precision].file
+
     def submit(self, texts: list[str]) -> Future:
         """Queue texts for classification; the future resolves to one Prediction per text."""
         fut: Future = Future()
@@ -615,38 +623,22 @@ class InferenceEngine:
             for chunk in self._calibration
         ]
         reference: np.ndarray | None = None
-        recipe_info: dict[str, Any] = {}
+        quantization: dict[str, Any] | None = None
         precision = self.precision if self.precision in ("fp32", "int8") else "fp32"
-        if precision == "int8":
-            # One fp32 pass of the merged graph on the plant's texts: activation ranges for the
-            # smoothing and the fp32 reference the INT8 session must agree with.
-            names = merge.calibration_outputs(merged)
-            calib = self._new_session(
-                merge.with_extra_outputs(merged.model, names).SerializeToString(), self._lean_threads, gen
-            )
-            absmax: dict[str, np.ndarray] = {}
-            refs = []
-            for ids, mask in feeds:
-                check()
-                outs = calib.run(["logits", *names], {"input_ids": ids, "attention_mask": mask})
-                refs.append(outs[0])
-                for name, value in zip(names, outs[1:], strict=True):
-                    am = merge.channel_absmax(value, mask)
-                    absmax[name] = np.maximum(absmax[name], am) if name in absmax else am
-            del calib
-            reference = np.concatenate(refs)
-            try:
-                recipe_info = merge.quantize_int8(merged, merge.QuantRecipe(), absmax, cancel)
-            except merge.MergeCancelled as e:
-                raise _Cancelled() from e
-        check()
+        sess: ort.InferenceSession | None = None
         model_file = self._work_dir / f"merged-{gen}.onnx"
-        tmp = model_file.with_name(f".{model_file.name}.tmp")
-        onnx.save(merged.model, str(tmp))
-        del merged, fp32
-        os.replace(tmp, model_file)
         try:
-            sess = self._new_session(str(model_file), self._threads, gen)
+            if precision == "int8":
+                reference, absmax = self._calibrate(merged, feeds, gen, check)
+                sess, quantization = self._choose_int8(
+                    merged, absmax, feeds, reference, model_file, gen, check
+                )
+            else:
+                self._save_model(merged.model, model_file)
+            del merged, fp32
+            check()
+            if sess is None:
+                sess = self._new_session(str(model_file), self._threads, gen)
             check()
             verdict = self._verify_merged(sess, feeds, reference, precision, gen)
         except BaseException:
@@ -658,13 +650,9 @@ class InferenceEngine:
             "precision": precision,
             "build_s": round(build_s, 3),
             "verify": verdict,
-            "recipe": recipe_info.get("smooth_alpha", None) if recipe_info else None,
         }
-        if recipe_info:
-            result["quantization"] = {
-                k: v for k, v in recipe_info.items() if k not in ("quantized", "smoothed")
-            }
-            result["quantization"]["quantized"] = len(recipe_info.get("quantized", []))
+        if quantization is not None:
+            result["quantization"] = quantization
         if not verdict["ok"]:
             model_file.unlink(missing_ok=True)
             self._merge_counts["failed"] += 1
@@ -702,6 +690,113 @@ class InferenceEngine:
             verdict,
         )
         return {**result, "state": "serving"}
+
+    @staticmethod
+    def _save_model(model: Any, path: Path) -> None:
+        import onnx
+
+        tmp = path.with_name(f".{path.name}.tmp")
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+
+    def _calibrate(
+        self, merged: Any, feeds: list[tuple[np.ndarray, np.ndarray]], gen: int, check: Callable[[], None]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One fp32 pass of the merged graph on the plant's texts: the fp32 logits INT8 must agree
+        with, and each projection input's per-channel range for the smoothing."""
+        from agent import merge
+
+        names = merge.calibration_outputs(merged)
+        calib = self._new_session(
+            merge.with_extra_outputs(merged.model, names).SerializeToString(), self._lean_threads, gen
+        )
+        absmax: dict[str, np.ndarray] = {}
+        refs = []
+        for ids, mask in feeds:
+            check()
+            outs = calib.run(["logits", *names], {"input_ids": ids, "attention_mask": mask})
+            refs.append(outs[0])
+            for name, value in zip(names, outs[1:], strict=True):
+                am = merge.channel_absmax(value, mask)
+                absmax[name] = np.maximum(absmax[name], am) if name in absmax else am
+        return np.concatenate(refs), absmax
+
+    def _choose_int8(
+        self,
+        merged: Any,
+        absmax: dict[str, np.ndarray],
+        feeds: list[tuple[np.ndarray, np.ndarray]],
+        reference: np.ndarray,
+        model_file: Path,
+        gen: int,
+        check: Callable[[], None],
+    ) -> tuple[ort.InferenceSession | None, dict[str, Any]]:
+        """Quantize with each of ``merge.INT8_RECIPES`` and keep the one that agrees best with fp32
+        on the plant's texts (then the smaller mean logit error). One candidate session at a time:
+        with the bundle's, never more than two; the last candidate's is reused when it wins."""
+        import onnx
+
+        from agent import merge
+
+        ref_top = reference.argmax(1)
+        trials: list[dict[str, Any]] = []
+        best: tuple[tuple[float, float], int] | None = None
+        sess: ort.InferenceSession | None = None
+        for k, recipe in enumerate(merge.INT8_RECIPES):
+            check()
+            model = onnx.ModelProto()
+            model.CopyFrom(merged.model)
+            candidate = merge.MergedGraph(model, merged.projections, merged.folded)
+            try:
+                info = merge.quantize_int8(candidate, recipe, absmax, self._cancel_check(check))
+            except merge.MergeCancelled as e:
+                raise _Cancelled() from e
+            path = model_file.with_name(f"{model_file.stem}-{k}.onnx")
+            self._save_model(model, path)
+            del model, candidate
+            sess = None  # the previous candidate's session goes before this one is made
+            try:
+                sess = self._new_session(str(path), self._threads, gen)
+                logits = np.concatenate(
+                    [sess.run(["logits"], {"input_ids": i, "attention_mask": m})[0] for i, m in feeds]
+                )
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            agreement = float((logits.argmax(1) == ref_top).mean())
+            error = float(np.abs(logits - reference).mean())
+            trials.append(
+                {
+                    **recipe.describe(),
+                    "agreement_vs_fp32": round(agreement, 4),
+                    "mean_abs_logit_diff_vs_fp32": round(error, 5),
+                    "quantized": len(info["quantized"]),
+                    "smoothed": len(info["smoothed"]),
+                }
+            )
+            score = (agreement, -error)
+            if best is None or score > best[0]:
+                if best is not None:
+                    model_file.with_name(f"{model_file.stem}-{best[1]}.onnx").unlink(missing_ok=True)
+                best = (score, k)
+            else:
+                path.unlink(missing_ok=True)
+        assert best is not None
+        chosen = best[1]
+        os.replace(model_file.with_name(f"{model_file.stem}-{chosen}.onnx"), model_file)
+        keep = sess if chosen == len(merge.INT8_RECIPES) - 1 else None
+        return keep, {"chosen": trials[chosen], "trials": trials}
+
+    @staticmethod
+    def _cancel_check(check: Callable[[], None]) -> Callable[[], bool]:
+        def cancelled() -> bool:
+            try:
+                check()
+            except _Cancelled:
+                return True
+            return False
+
+        return cancelled
 
     def _wait_sessions_below(self, limit: int, check: Callable[[], None], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

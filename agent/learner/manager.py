@@ -491,6 +491,8 @@ class LearnerManager:
             except OSError as e:
                 log.warning("learner %s keeps the daemon's cgroup: %s", proc.pid, e)
         self._proc, self._spec, self._manual = proc, spec, False
+        # The round shares the box's cores: the engine serves on fewer threads until it ends.
+        self.engine.set_background_load(True)
         self._origin = origin
         self.counters["rounds"] += 1
         log.info("learner round %s started (%s), parent %s, pid %s", version, reason, active, proc.pid)
@@ -503,6 +505,7 @@ class LearnerManager:
         assert proc is not None and spec is not None
         proc.join(1)
         self._proc, self._spec = None, None
+        self.engine.set_background_load(False)
         self._last_round_end = time.time()
         self._pause_file.unlink(missing_ok=True)
         self._cancel_file.unlink(missing_ok=True)

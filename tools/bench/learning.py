@@ -44,11 +44,15 @@ Protocol (simulated by default, the same on ``--dataset CSV``):
 * **TF-IDF baseline**: word 1-2-grams + char_wb 2-5-grams (``FeatureUnion``, sublinear tf) and
   ``LogisticRegression(C=10)``, refit from scratch on all train rows seen so far at the same moments
   (after the base data, after each chunk), evaluated the same prequential way (``tfidf_*``).
-* **Resources**: the serving engine (fp32, 2 intra-op threads, cache off so every request runs) gets
-  a paced client (batch 1, 20 req/s, drifted texts) while idle, then while a real learner round
+* **Resources**: a serving engine opened as the daemon opens it (``EngineConfig`` defaults: precision
+  trial on the stored holdout texts, intra-op threads = physical cores, the base adapter activated
+  and merged; only the cache is off, so every request runs; ``--engine-threads`` overrides the
+  threads) gets a paced client (batch 1, 20 req/s, drifted texts) while idle, then while a real learner round
   (``round.run_round_process`` on a SQLite copy of the data: pre-drift rows stored, chunk 0 new)
   runs in a spawned child at SCHED_IDLE + nice 10 with 1 torch thread (as the daemon runs it, with the pause file
-  driven by the engine's queue depth once a second like ``LearnerManager.tick``), then idle again.
+  driven by the engine's queue depth once a second like ``LearnerManager.tick``, and
+  ``engine.set_background_load`` on at the spawn and off when the child has exited, as
+  ``LearnerManager._start_round``/``_finish_round`` do), then idle again.
   ``infer_p99_ratio_training`` = p99 during the round / p99 idle (both idle windows).
   ``learner_peak_rss_mb`` = the child's own peak RSS (``VmHWM``); ``train_seconds_per_round`` = the child's
   training time (``*_in_process``: the median of the chunk rounds run in this process with 2 threads).
@@ -65,7 +69,8 @@ Time budgets in the full run are safety caps only (base 1,200 s, round 400 s, of
 accuracies do not depend on how busy the machine is; the full simulated run takes about 20 minutes
 on a quiet 2-core box (half of it the ablations; ``--no-ablations`` skips them).
 ``--quick``: a smoke run of the same protocol on tiny data, 1-2 epochs and tight time budgets
-(about 2 minutes; its accuracies mean nothing).
+(about 2 minutes; its accuracies mean nothing). ``--only-latency``: the resources part alone (a base
+adapter trained for one epoch, then the full latency protocol; a few minutes).
 Output: tables on stdout, progress on stderr; with ``--json`` the last stdout line is one JSON object.
 """
 
@@ -879,11 +884,13 @@ def measure_round_under_load(
     labels: list[str],
     split: Split,
     plan: Plan,
-    ev: Evaluator,
+    ev: Evaluator | None,  # unused: the latency engine is opened as the daemon opens it
     base_dir: Path,
     work: Path,
     seed: int,
+    engine_threads: int | None = None,
 ) -> dict[str, Any]:
+    from agent.engine import EngineConfig, InferenceEngine
     from agent.learner.manager import LearnerSettings
     from agent.learner.round import RoundSpec, run_round_process
 
@@ -924,8 +931,17 @@ def measure_round_under_load(
         pause_file=str(pause),
         cancel_file=str(rdir / "cancel"),
     )
-    engine = ev.engine
-    ev.predict(base_dir, ["warm-up"])  # the engine serves the base adapter
+    # The engine as the daemon runs it (settings.open_engine): default config, the stored holdout
+    # texts for its precision trial and merge check, the active adapter merged in.
+    engine = InferenceEngine.open(
+        bundle,
+        EngineConfig(cache_size=0, intra_op_threads=engine_threads),
+        adapter_dir=base_dir,
+        work_dir=work / "latency-engine",
+        calibration_texts=[r.text for r in split.pre_holdout][:256],
+    )
+    merged = engine.wait_merged(600)
+    engine.predict(["warm-up"] * 4)
     texts = [r.text for c in split.chunks for r in c]
     client = PacedClient(engine, texts, plan.latency_rate_hz)
     log(
@@ -936,11 +952,14 @@ def measure_round_under_load(
     a0 = time.perf_counter()
     time.sleep(plan.latency_idle_s)
     c0 = time.perf_counter()
+    idle_stats = engine.stats()
     proc = mp.get_context("spawn").Process(
         target=run_round_process, args=(json.dumps(asdict(spec)),), name="learner-bench", daemon=True
     )
     proc.start()
+    engine.set_background_load(True)  # LearnerManager._start_round
     paused_ticks = 0
+    threads_seen: set[int] = set()
     while proc.is_alive():
         # LearnerManager._update_pause, once a second like the daemon's tick.
         if int(engine.stats().get("queue_depth", 0)) > 0:
@@ -948,12 +967,23 @@ def measure_round_under_load(
             paused_ticks += 1
         else:
             pause.unlink(missing_ok=True)
+        threads_seen.add(int(engine.stats()["intra_op_threads"]))
         proc.join(1.0)
+    engine.set_background_load(False)  # LearnerManager._finish_round
     c1 = time.perf_counter()
     pause.unlink(missing_ok=True)
     time.sleep(plan.latency_idle_s)
     b1 = time.perf_counter()
     client.stop()
+    engine_info = {
+        "precision": engine.precision,
+        "serving_path": engine.serving_path,
+        "merge_state": merged.get("state"),
+        "intra_op_threads_idle": idle_stats["intra_op_threads"],
+        "intra_op_threads_during_round": sorted(threads_seen),
+        "intra_op_threads_after": engine.stats()["intra_op_threads"],
+    }
+    engine.close()
     idle = client.window(a0, c0) + client.window(c1, b1)
     busy = client.window(c0, c1)
     try:
@@ -984,12 +1014,13 @@ def measure_round_under_load(
         "infer_p99_ratio_training": common.ratio(p99_busy, p99_idle),
         "infer_p50_ratio_training": common.ratio(common.median(busy), common.median(idle)),
         "rate_hz": plan.latency_rate_hz,
+        "engine": engine_info,
     }
     log(
         f"latency: idle p50/p99 {common.fmt_num(out['infer_p50_ms_idle'], 2)}/{common.fmt_num(p99_idle, 2)} ms, "
         f"training p50/p99 {common.fmt_num(out['infer_p50_ms_training'], 2)}/{common.fmt_num(p99_busy, 2)} ms; "
         f"child {out['status']} in {out['round_wall_seconds']}s (train {out['train_seconds']}s), "
-        f"peak RSS {common.fmt_num(out['peak_rss_mb'], 0)} MB"
+        f"peak RSS {common.fmt_num(out['peak_rss_mb'], 0)} MB; engine {json.dumps(engine_info)}"
     )
     return out
 
@@ -1197,7 +1228,7 @@ def run(
     split: Split,
     seed: int = 0,
     repeat_seeds: Sequence[int] = (),
-    engine_threads: int = THREADS,
+    engine_threads: int | None = None,
 ) -> dict[str, Any]:
     common.limit_threads(THREADS)
     from agent.bundle import load_manifest
@@ -1222,7 +1253,9 @@ def run(
         common.limit_threads(THREADS)
         engine = InferenceEngine.open(
             bundle,
-            EngineConfig(precision="fp32", provider="cpu", cache_size=0, intra_op_threads=engine_threads),
+            EngineConfig(
+                precision="fp32", provider="cpu", cache_size=0, intra_op_threads=engine_threads or THREADS
+            ),
             work_dir=work / "engine",
         )
         ev = Evaluator(engine)
@@ -1235,7 +1268,9 @@ def run(
         )
         vs = variants()
         online = {"full": run_online(bundle, labels, split, plan, ev, base_dir, vs["full"], work, seed)}
-        resources = measure_round_under_load(bundle, labels, split, plan, ev, base_dir, work, seed)
+        resources = measure_round_under_load(
+            bundle, labels, split, plan, ev, base_dir, work, seed, engine_threads
+        )
         offline = offline_full_finetune(bundle, split, plan, seed)
         log(
             f"offline full FT: post-drift test {offline['acc_post_test']:.3f}, pre-drift test {offline['acc_pre_test']:.3f}"
@@ -1317,13 +1352,80 @@ def run(
         "engine": {
             "precision": engine_stats.get("precision"),
             "provider": engine_stats.get("provider"),
-            "intra_op_threads": engine_threads,
+            "intra_op_threads": engine_threads or THREADS,
+            "latency_engine": resources["engine"],
         },
         "machine": machine,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     result["targets"] = targets(result)
     return result
+
+
+def run_latency_only(
+    bundle: Path, plan: Plan, split: Split, seed: int = 0, engine_threads: int | None = None
+) -> dict[str, Any]:
+    """``measure_round_under_load`` alone, beside a base adapter trained for one epoch."""
+    common.limit_threads(THREADS)
+    from agent.bundle import load_manifest
+
+    t_start = time.perf_counter()
+    machine = common.machine_info(THREADS)
+    work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    try:
+        bundle, built = _bundle_for(Path(bundle), split.labels(), work)
+        labels = list(load_manifest(bundle).labels)
+        base_dir, base_info = train_base(
+            bundle,
+            split,
+            replace(plan, base_epochs=1, base_budget_s=min(plan.base_budget_s, 300.0)),
+            work,
+            seed,
+        )
+        resources = measure_round_under_load(
+            bundle, labels, split, plan, None, base_dir, work, seed, engine_threads
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    machine["loadavg_max_during_run"] = max(common.loadavg_seen(), default=None)
+    result: dict[str, Any] = {
+        "infer_p99_ratio_training": resources["infer_p99_ratio_training"],
+        "infer_p50_ms_idle": resources["infer_p50_ms_idle"],
+        "infer_p99_ms_idle": resources["infer_p99_ms_idle"],
+        "infer_p50_ms_training": resources["infer_p50_ms_training"],
+        "infer_p99_ms_training": resources["infer_p99_ms_training"],
+        "learner_peak_rss_mb": resources["peak_rss_mb"],
+        "resources": resources,
+        "base_adapter": base_info,
+        "built_bundle": built,
+        "only_latency": True,
+        "quick": plan.is_quick,
+        "seed": seed,
+        "machine": machine,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    result["targets"] = {
+        k: v for k, v in targets(result).items() if k in ("infer_p99_ratio_training", "learner_peak_rss_mb")
+    }
+    return result
+
+
+def latency_report(result: dict[str, Any]) -> str:
+    r = result["resources"]
+    m = result["machine"]
+    return "\n".join(
+        [
+            f"edge-agent inference latency beside a learner round: {m['cpu']}, {m['logical_cores']} cores,"
+            f" load average max {common.fmt_num(m.get('loadavg_max_during_run'), 2)}",
+            f"engine: {json.dumps(r['engine'])}",
+            f"idle p50/p99 {common.fmt_num(r['infer_p50_ms_idle'], 2)}/{common.fmt_num(r['infer_p99_ms_idle'], 2)} ms"
+            f" ({r['requests_idle']} requests); during the round {common.fmt_num(r['infer_p50_ms_training'], 2)}/"
+            f"{common.fmt_num(r['infer_p99_ms_training'], 2)} ms ({r['requests_training']} requests, round"
+            f" {r['round_wall_seconds']} s, {r['status']}); p99 ratio {common.fmt_num(r['infer_p99_ratio_training'], 3)}",
+            "",
+            common.targets_table(result["targets"]),
+        ]
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1349,8 +1451,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--engine-threads",
         type=int,
-        default=THREADS,
-        help="intra-op threads of the serving engine (latency beside a round, evaluation); default 2",
+        default=None,
+        help="intra-op threads of the serving engines (evaluation: default 2; latency beside a round: "
+        "default the daemon's, physical cores)",
+    )
+    p.add_argument(
+        "--only-latency",
+        action="store_true",
+        help="only the inference latency beside a learner round (infer_p99_ratio_training), a few minutes",
     )
     p.add_argument(
         "--extra-seeds",
@@ -1389,6 +1497,12 @@ def main(argv: list[str] | None = None) -> int:
     extra = args.extra_seeds if args.extra_seeds is not None else (0 if args.quick else 2)
     extra = 0 if args.dataset is not None else extra
     seeds = [args.seed + 1 + i for i in range(extra)]
+    if args.only_latency:
+        result = run_latency_only(args.bundle, plan, split, args.seed, args.engine_threads)
+        print(latency_report(result), flush=True)
+        if args.json:
+            common.print_json_line(result)
+        return 0
     result = run(args.bundle, plan, split, args.seed, seeds, args.engine_threads)
     print(report(result), flush=True)
     if args.json:
