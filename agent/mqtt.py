@@ -177,6 +177,7 @@ class MqttClient:
         )
         # Resume accounting; written on paho's thread, read by stats() under the lock.
         self._sessions_new = 0
+        self._handler_errors = 0  # messages a handler raised on (acked and dropped)
         self._sessions_resumed = 0
         self._resume_nonce: str | None = None  # set while counting what the broker had queued
         self._queued_last: int | None = None
@@ -273,6 +274,7 @@ class MqttClient:
         with self._lock:
             return {
                 "sessions_new": self._sessions_new,
+                "handler_errors": self._handler_errors,
                 "sessions_resumed": self._sessions_resumed,
                 "queued_received_last_resume": self._queued_last,
                 "queued_last_resume_state": self._queued_last_state,
@@ -550,8 +552,17 @@ class MqttClient:
             )
             self._on_message_cb(msg)
         except Exception:
-            # Never let a handler bug kill paho's network thread; the message stays unacked.
-            log.exception("handler failed on a message (mid %d)", message.mid)
+            # Never let a handler bug kill paho's network thread. The message is acked: a poison
+            # message left unacked holds one of receive_maximum in-flight slots for good (and
+            # fails again on every redelivery), and enough of them silence the box.
+            log.exception(
+                "handler failed on a message on %s (mid %d); acked and dropped", message.topic, message.mid
+            )
+            with self._lock:
+                self._handler_errors += 1
+            if message.qos:
+                with contextlib.suppress(Exception):
+                    self._client.ack(message.mid, message.qos)
 
     def _on_resume_marker(self, message) -> None:
         if message.qos:

@@ -100,6 +100,8 @@ def parse_json(payload: bytes, model: type[_Msg]) -> Any:
         data = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError("invalid_json", f"not JSON: {e}") from e
+    except RecursionError:
+        raise ProtocolError("invalid_json", "payload nests too deeply") from None
     return validate(data, model)
 
 

@@ -129,6 +129,8 @@ def parse_chunk(frame: bytes) -> Chunk:
         header = json.loads(frame[start : start + hlen].decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise WireError("bad_frame", f"chunk header is not JSON: {e}") from e
+    except RecursionError:
+        raise WireError("bad_frame", "chunk header nests too deeply") from None
     if not isinstance(header, dict):
         raise WireError("bad_frame", "chunk header is not a JSON object")
     blob, i, n, size, digest, meta = (

@@ -117,3 +117,17 @@ def test_signatures_verify_and_catch_every_change(tmp_path):
     assert e.value.code == "unknown_key"
     # A rotation: boxes that trust both keys accept either.
     assert verify_manifest(m, load_public_keys([other_pub, public])) == m["key_id"]
+
+
+def test_deep_nesting_is_refused_not_a_recursion_error():
+    # Found by the chaos suite's fuzzing: json.loads raised RecursionError past the parsers.
+    from agent.fed.protocol import ProtocolError, UploadResult, parse_json
+    from agent.fed.wire import MAGIC, _LEN
+
+    with pytest.raises(ProtocolError) as e:
+        parse_json(b"[" * 5000, UploadResult)
+    assert e.value.code == "invalid_json"
+    header = b"[" * 60000
+    with pytest.raises(WireError) as w:
+        parse_chunk(MAGIC + _LEN.pack(len(header)) + header)
+    assert w.value.code == "bad_frame"

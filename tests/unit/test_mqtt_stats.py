@@ -137,3 +137,24 @@ def test_covered_outage_is_the_first_limit_reached():
     q = BrokerQueue(max_queued_messages=1000, max_queued_bytes=10**9, msgs_per_s=1000, mean_payload_bytes=200)
     assert q.covered_outage_s() == pytest.approx(1.0)
     assert SHIPPED_BROKER_QUEUE.describe()["covered_outage_s"] == 3600
+
+
+def test_a_message_its_handler_raises_on_is_acked_not_left_to_clog_the_window():
+    # Found by the chaos suite's fuzzing: a payload that made a handler raise stayed unacked, and
+    # receive_maximum such messages would have silenced the box for good.
+    def boom(msg: InboundMessage) -> None:
+        raise RuntimeError("handler bug")
+
+    client = MqttClient(
+        BrokerConfig(host="127.0.0.1"),
+        "box-u",
+        will=Will(BASE + "status", {"state": "offline"}),
+        subscriptions={BASE + "samples": False},
+        on_message=boom,
+    )
+    fake = FakePaho()
+    client._client = fake  # type: ignore[assignment]
+    connect(client, fake, resumed=False)
+    client._on_message(fake, None, message(BASE + "samples", b"{}", mid=41))
+    assert fake.acked == [41]
+    assert client.stats()["handler_errors"] == 1
