@@ -122,7 +122,7 @@ def test_signatures_verify_and_catch_every_change(tmp_path):
 def test_deep_nesting_is_refused_not_a_recursion_error():
     # Found by the chaos suite's fuzzing: json.loads raised RecursionError past the parsers.
     from agent.fed.protocol import ProtocolError, UploadResult, parse_json
-    from agent.fed.wire import MAGIC, _LEN
+    from agent.fed.wire import _LEN, MAGIC
 
     with pytest.raises(ProtocolError) as e:
         parse_json(b"[" * 5000, UploadResult)
