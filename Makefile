@@ -6,7 +6,7 @@ BUNDLE ?= build/bundle-minilm
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test lint unit integration gpu bench demo clean
+.PHONY: setup test lint unit integration gpu bench demo chaos clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,10 @@ $(BUNDLE)/manifest.json: agent/build.py agent/lora_graph.py | setup
 
 bench: setup $(BUNDLE)/manifest.json
 	$(BIN)/python -m tools.bench inference --bundle $(BUNDLE)
+
+# Every fault scenario, 100,000 hostile messages and a 10-minute soak (~25 min); make test runs the quick part.
+chaos: setup
+	$(BIN)/python -m tools.chaos --json
 
 demo: setup $(BUNDLE)/manifest.json
 	$(BIN)/python -m tools.demo --bundle $(BUNDLE)
