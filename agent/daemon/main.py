@@ -70,6 +70,7 @@ def run(config_path: Path, log_level: str | None = None) -> int:
         lambda: {
             "state": "online" if app.transport.connected else "connecting",
             "connected": app.transport.connected,
+            "broker_error": app.transport.last_error,
             "adapter_version": app.engine.adapter_version,
             "config_version": app.runtime.version,
         },

@@ -197,6 +197,7 @@ def write_agent_config(
     site: str = SITE,
     device: str = DEVICE,
     port: int | None = None,
+    broker_extra: str = "",
 ) -> Path:
     """A bootstrap file for a box on ``broker`` (or on ``port`` of the same host: a relay)."""
     path.write_text(
@@ -213,7 +214,7 @@ port = {port or broker.port}
 keepalive_s = 5
 reconnect_min_delay_s = 0.2
 reconnect_max_delay_s = 1.0
-
+{broker_extra}
 [engine]
 {engine}
 {extra}

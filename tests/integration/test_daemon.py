@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import sqlite3
 
 import pytest
@@ -423,9 +422,6 @@ topic readwrite edge/#
 """
 
 
-@pytest.mark.skipif(
-    not shutil.which("openssl") or not shutil.which("mosquitto_passwd"), reason="needs openssl"
-)
 def test_tls_with_password_and_acl(tmp_path, tiny_bundle, start_agent):
     broker = Mosquitto.secured(
         tmp_path / "tls-broker", {"box-1": "box-secret", "operator": "op-secret"}, ACL
@@ -433,10 +429,9 @@ def test_tls_with_password_and_acl(tmp_path, tiny_bundle, start_agent):
     try:
         (tmp_path / "pw").write_text("box-secret\n")
         tls = f'username = "box-1"\npassword_file = "{tmp_path / "pw"}"\n[broker.tls]\nca_file = "{broker.tls_ca}"\n'
-        config = write_agent_config(tmp_path / "tls.toml", broker, tiny_bundle, tmp_path / "data")
-        # the broker table must carry the credentials: insert them right after its keys
-        text = config.read_text().replace("[engine]", tls + "\n[engine]", 1)
-        config.write_text(text)
+        config = write_agent_config(
+            tmp_path / "tls.toml", broker, tiny_bundle, tmp_path / "data", broker_extra=tls
+        )
         agent = start_agent(config)
         op = Peer(broker, username="operator", password="op-secret").subscribe(BASE + "infer/res")
         try:
