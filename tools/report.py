@@ -30,6 +30,7 @@ ACCURACY_PNG = "accuracy.png"
 LATENCY_PNG = "latency.png"
 ROUNDS_PNG = "rounds.png"
 DEFAULT_WINDOW = 50
+MIN_BIN_COUNT = 10  # latency bins with fewer predictions are not drawn
 
 
 @dataclass
@@ -281,6 +282,19 @@ def rolling_accuracy(judged: Sequence[tuple[float, bool]], window: int) -> list[
     return out
 
 
+def serving_window(
+    judged: Sequence[tuple[float, bool]], promoted: Sequence[float], start: float, end: float, side: str
+) -> float | None:
+    """``window_accuracy`` over [start, end) cut to one adapter's service: ``side='end'`` keeps what
+    came after the last promotion before ``end``, ``side='start'`` what came before the first
+    promotion after ``start``."""
+    if side == "end":
+        start = max([start] + [t for t in promoted if t < end])
+    else:
+        end = min([end] + [t for t in promoted if t > start])
+    return window_accuracy(judged, start, end)
+
+
 def window_accuracy(judged: Sequence[tuple[float, bool]], start: float, end: float) -> float | None:
     sel = [ok for t, ok in judged if start <= t < end]
     return sum(sel) / len(sel) if sel else None
@@ -297,9 +311,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def latency_bins(
-    latencies: Sequence[tuple[float, float]], bin_s: float
+    latencies: Sequence[tuple[float, float]], bin_s: float, min_count: int = 1
 ) -> list[tuple[float, float, float, int]]:
-    """(bin centre, p50, p99, count) of ``latencies`` in bins of ``bin_s`` seconds."""
+    """(bin centre, p50, p99, count) of ``latencies`` in bins of ``bin_s`` seconds; bins with fewer
+    than ``min_count`` values are left out (a p99 of three values is their maximum)."""
     if not latencies:
         return []
     start = latencies[0][0]
@@ -309,6 +324,7 @@ def latency_bins(
     return [
         (start + (k + 0.5) * bin_s, percentile(v, 50), percentile(v, 99), len(v))
         for k, v in sorted(bins.items())
+        if len(v) >= min_count
     ]
 
 
@@ -455,7 +471,7 @@ def plot_latency(fleet: FleetData, path: Path, bin_s: float | None = None) -> Pa
     bin_s = bin_s or max(5.0, round(span / 40.0))
     drawn = False
     for i, box in enumerate(fleet.boxes):
-        rows = latency_bins(box.latencies, bin_s)
+        rows = latency_bins(box.latencies, bin_s, MIN_BIN_COUNT)
         if not rows:
             continue
         drawn = True
@@ -502,7 +518,7 @@ def plot_latency(fleet: FleetData, path: Path, bin_s: float | None = None) -> Pa
     _time_axis(ax, t0)
     ax.set_title(
         f"Inference latency per site: message received -> prediction made, p50 and p99 per {bin_s:.0f} s bin"
-        "\n(faint vertical lines: adapter promotions, i.e. hot swaps)",
+        f" (bins of {MIN_BIN_COUNT}+ predictions)\n(faint vertical lines: adapter promotions, i.e. hot swaps)",
         fontsize=10,
     )
     ax.grid(True, which="both", alpha=0.3)
