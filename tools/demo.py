@@ -133,7 +133,7 @@ class SiteState:
     tests: dict[str, float | None] = field(default_factory=dict)
     fleet_judged: int = 0  # globals this box's gate has judged
     promoted_after_drift: int = 0  # local adapters promoted after the drift event
-    last_promoted_at: float = 0.0
+    last_promoted_at: float = 0.0  # any promotion: the final window needs the new adapter serving
 
     def accuracy(self) -> float | None:
         return sum(self.judged) / len(self.judged) if self.judged else None
@@ -251,7 +251,7 @@ class SiteDevices:
                     s.promoted_local += 1
                     if self.fleet.drift_at is not None:
                         s.promoted_after_drift += 1
-                        s.last_promoted_at = now()
+                s.last_promoted_at = now()
                 s.adapter = b.get("version")
             elif status == "rejected":
                 s.rejected += 1

@@ -283,16 +283,24 @@ def rolling_accuracy(judged: Sequence[tuple[float, bool]], window: int) -> list[
 
 
 def serving_window(
-    judged: Sequence[tuple[float, bool]], promoted: Sequence[float], start: float, end: float, side: str
+    judged: Sequence[tuple[float, bool]],
+    promoted: Sequence[float],
+    start: float,
+    end: float,
+    side: str,
+    min_count: int = 20,
 ) -> float | None:
     """``window_accuracy`` over [start, end) cut to one adapter's service: ``side='end'`` keeps what
     came after the last promotion before ``end``, ``side='start'`` what came before the first
-    promotion after ``start``."""
+    promotion after ``start``; the whole window when the cut leaves fewer than ``min_count``."""
+    cut_start, cut_end = start, end
     if side == "end":
-        start = max([start] + [t for t in promoted if t < end])
+        cut_start = max([start] + [t for t in promoted if t < end])
     else:
-        end = min([end] + [t for t in promoted if t > start])
-    return window_accuracy(judged, start, end)
+        cut_end = min([end] + [t for t in promoted if t > start])
+    if sum(cut_start <= t < cut_end for t, _ in judged) < min_count:
+        return window_accuracy(judged, start, end)
+    return window_accuracy(judged, cut_start, cut_end)
 
 
 def window_accuracy(judged: Sequence[tuple[float, bool]], start: float, end: float) -> float | None:

@@ -135,9 +135,11 @@ def test_figures_from_the_databases(fleet_files):
     assert report.window_accuracy(a.judged, T0 + 100, T0 + 200) is None
     # Windows cut to the adapter serving: v1 was promoted at +10, the fleet global at +20.
     promoted = [p.at for p in a.promotions]
-    assert report.serving_window(a.judged, promoted, T0, T0 + 15, "end") == 1.0  # +10..+15 only
-    assert report.serving_window(a.judged, promoted, T0 + 5, T0 + 40, "start") == 0.0  # +5..+10
-    assert report.serving_window(a.judged, promoted, T0 + 12, T0 + 40, "start") == 1.0  # +12..+20
+    w = report.serving_window
+    assert w(a.judged, promoted, T0, T0 + 15, "end", min_count=5) == 1.0  # +10..+15 only
+    assert w(a.judged, promoted, T0, T0 + 15, "end", min_count=6) == 1 / 3  # too few: all of +0..+15
+    assert w(a.judged, promoted, T0 + 5, T0 + 40, "start", min_count=5) == 0.0  # +5..+10
+    assert w(a.judged, promoted, T0 + 12, T0 + 40, "start", min_count=5) == 1.0  # +12..+20
     assert report.latency_bins(a.latencies, 10.0, min_count=11) == []
     bins = report.latency_bins(a.latencies, 10.0)
     assert [(c - T0, n) for c, _, _, n in bins] == [(5.0, 10), (15.0, 10), (25.0, 10), (35.0, 10)]
