@@ -53,22 +53,45 @@ class QuantRecipe:
     keep_fp32: frozenset[str] = field(default_factory=frozenset)
     # Smoothing is applied to these kinds only (the attention output's is free, the others cost a Mul).
     smooth_kinds: frozenset[str] = frozenset({"qkv", "attention_output", "intermediate", "output"})
+    # Outlier channels (LLM.int8()'s decomposition): input channels whose calibrated max |x| is
+    # above ``outlier_ratio`` x the median channel's are computed in fp32 beside the INT8 product,
+    # at most ``max_outliers`` per projection, for these kinds.
+    outlier_kinds: frozenset[str] = frozenset()
+    outlier_ratio: float = 6.0
+    max_outliers: int = 8
+    # "split": the outlier channels' product in fp32 (exact, but a Gather and a MatMul more);
+    # "scale": divide only those channels down to ``outlier_ratio`` x the median (their weight rows
+    # take the factor: SmoothQuant on the outliers alone, one Mul).
+    outlier_mode: str = "split"
 
     def describe(self) -> dict[str, object]:
         return {
             "method": "dynamic per-tensor activations, per-channel symmetric weights",
             "smooth_alpha": self.smooth_alpha,
             "smooth_kinds": sorted(self.smooth_kinds) if self.smooth_alpha is not None else [],
+            "outlier_kinds": sorted(self.outlier_kinds),
+            "outlier_mode": self.outlier_mode if self.outlier_kinds else None,
             "keep_fp32": sorted(self.keep_fp32),
         }
 
 
-# Tried in turn on each box's own texts (the engine keeps the one closest to fp32): SmoothQuant on
-# the projections whose inputs carry outlier channels (LayerNorm outputs, attention core), and
-# plain per-channel INT8. Smoothing the FFN-out input (GELU output) made agreement worse on
-# all-MiniLM-L6-v2 (README, what limits the inference misses).
+# Tried in turn on each box's own texts; the engine keeps the one closest to fp32. First: SmoothQuant
+# (alpha 0.5) on the projections fed by LayerNorm outputs and the attention core, and on the FFN-out
+# input (GELU output: a handful of channels 10-17x the median one) only those outlier channels
+# scaled down to 3x the median, with their weight rows taking the factor. Smoothing every GELU
+# channel made all-MiniLM-L6-v2 agree less; computing the outliers in fp32 beside the INT8 product
+# ("split") was closest to fp32 but ~20 % slower on stream batches (README: what limits the misses).
+# Second: plain per-channel INT8, for graphs where smoothing does not pay (the tiny test BERT).
+_NOT_FFN_OUT = frozenset({"qkv", "attention_output", "intermediate"})
 INT8_RECIPES: tuple[QuantRecipe, ...] = (
-    QuantRecipe(smooth_alpha=0.5, smooth_kinds=frozenset({"qkv", "attention_output", "intermediate"})),
+    QuantRecipe(
+        smooth_alpha=0.5,
+        smooth_kinds=_NOT_FFN_OUT,
+        outlier_kinds=frozenset({"output"}),
+        outlier_ratio=3.0,
+        max_outliers=16,
+        outlier_mode="scale",
+    ),
     QuantRecipe(smooth_alpha=None),
 )
 
@@ -215,6 +238,15 @@ def smoothing_factors(x_absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.n
     return s.astype(np.float32)
 
 
+def outlier_channels(x_absmax: np.ndarray, ratio: float, limit: int) -> np.ndarray:
+    """Input channels whose max |x| exceeds ``ratio`` x the median channel's, largest first, at most ``limit``."""
+    median = float(np.median(x_absmax))
+    if median <= 0 or limit <= 0:
+        return np.zeros(0, np.int64)
+    order = np.argsort(-x_absmax, kind="stable")[:limit]
+    return np.sort(order[x_absmax[order] > ratio * median]).astype(np.int64)
+
+
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Symmetric signed INT8 per output channel (columns of a [in, out] weight), as ORT's quantizer."""
     absmax = np.abs(w).max(axis=0).astype(np.float32)
@@ -233,15 +265,15 @@ def quantize_int8(
     """Turn every projection of ``merged`` (in place) into ``DynamicQuantizeMatMul`` on INT8 weights.
 
     ``x_absmax``: per-channel max |x| of each projection input (``calibration_outputs``), needed
-    when ``recipe.smooth_alpha`` is set. ``keep_weights_fp32`` applies the smoothing but keeps the
+    when ``recipe.smooth_alpha`` or ``recipe.outlier_kinds`` is set. ``keep_weights_fp32`` applies the smoothing but keeps the
     (rescaled) fp32 ``MatMul``s: the function must not change (a test of the rewrite). Returns
     what was done, for the engine's stats.
     """
     g = merged.model.graph
     inits = {t.name: t for t in g.initializer}
     nodes = {n.name: n for n in g.node}
-    if recipe.smooth_alpha is not None and x_absmax is None:
-        raise MergeError("smoothing needs calibrated activation ranges")
+    if (recipe.smooth_alpha is not None or recipe.outlier_kinds) and x_absmax is None:
+        raise MergeError("smoothing and outlier channels need calibrated activation ranges")
     value_fold = _value_fold_targets(g, merged.projections)
     smooth = recipe.smooth_alpha is not None and x_absmax is not None
 
@@ -259,7 +291,8 @@ def quantize_int8(
             _scale_value_projection(inits, fold, 1.0 / s)
             folded_s[p.key] = s
     inserted: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to insert before it
-    quantized, kept, smoothed = [], [], []
+    appended: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to insert after it
+    quantized, kept, smoothed, outliers = [], [], [], {}
     for p in merged.projections:
         _check(cancel)
         if skipped(p):
@@ -271,17 +304,63 @@ def quantize_int8(
         if p.key in folded_s:
             w = w * folded_s[p.key][:, None]
             smoothed.append(p.key)
-        elif smooth and p.kind in recipe.smooth_kinds:
-            assert x_absmax is not None and recipe.smooth_alpha is not None
-            s = smoothing_factors(x_absmax[p.input], w, recipe.smooth_alpha)
-            inv = f"{p.node}.smooth_inv"
-            g.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
-            x_in = f"{p.node}.smoothed"
-            inserted.setdefault(p.node, []).append(
-                helper.make_node("Mul", [p.input, inv], [x_in], name=f"{p.node}.smooth")
+        else:
+            scale_in = np.ones(w.shape[0], np.float32)
+            if smooth and p.kind in recipe.smooth_kinds:
+                assert x_absmax is not None and recipe.smooth_alpha is not None
+                s = smoothing_factors(x_absmax[p.input], w, recipe.smooth_alpha)
+                w = w * s[:, None]
+                scale_in = (1.0 / s).astype(np.float32)
+                smoothed.append(p.key)
+            picked = (
+                outlier_channels(x_absmax[p.input], recipe.outlier_ratio, recipe.max_outliers)
+                if x_absmax is not None and p.kind in recipe.outlier_kinds
+                else np.zeros(0, np.int64)
             )
-            w = w * s[:, None]
-            smoothed.append(p.key)
+            if len(picked) and recipe.outlier_mode == "scale":
+                assert x_absmax is not None
+                target = recipe.outlier_ratio * float(np.median(x_absmax[p.input]))
+                factor = np.ones(w.shape[0], np.float32)
+                factor[picked] = np.maximum(x_absmax[p.input][picked] * scale_in[picked] / target, 1.0)
+                w = w * factor[:, None]
+                scale_in = (scale_in / factor).astype(np.float32)
+                outliers[p.key] = picked.tolist()
+            elif len(picked):
+                # y = Q(x·m)·Q(W') + x[:, O]·W[O, :]: the outlier channels leave the INT8 product
+                # (m zeroes them, so they no longer set the activation's quantization step).
+                w_out = numpy_helper.to_array(inits[p.weight]).astype(np.float32)[picked]
+                scale_in = scale_in.copy()
+                scale_in[picked] = 0.0
+                w = w.copy()
+                w[picked] = 0.0
+                idx, wo = f"{p.node}.outlier_idx", f"{p.node}.outlier_w"
+                xo, yo, ym = f"{p.node}.outlier_x", f"{p.node}.outlier_y", f"{p.node}.int8_y"
+                g.initializer.extend(
+                    [
+                        numpy_helper.from_array(picked.astype(np.int64), idx),
+                        numpy_helper.from_array(w_out, wo),
+                    ]
+                )
+                inserted.setdefault(p.node, []).extend(
+                    [
+                        helper.make_node(
+                            "Gather", [p.input, idx], [xo], axis=-1, name=f"{p.node}.outlier_gather"
+                        ),
+                        helper.make_node("MatMul", [xo, wo], [yo], name=f"{p.node}.outlier_matmul"),
+                    ]
+                )
+                appended.setdefault(p.node, []).append(
+                    helper.make_node("Add", [ym, yo], [node.output[0]], name=f"{p.node}.outlier_add")
+                )
+                node.output[0] = ym
+                outliers[p.key] = picked.tolist()
+            if not np.all(scale_in == 1.0):
+                inv = f"{p.node}.smooth_inv"
+                g.initializer.append(numpy_helper.from_array(scale_in.astype(np.float32), inv))
+                x_in = f"{p.node}.smoothed"
+                inserted.setdefault(p.node, []).append(
+                    helper.make_node("Mul", [p.input, inv], [x_in], name=f"{p.node}.smooth")
+                )
         if keep_weights_fp32:
             inits[p.weight].CopyFrom(numpy_helper.from_array(w.astype(np.float32), p.weight))
             node.input[0] = x_in
@@ -305,11 +384,12 @@ def quantize_int8(
         )
         node.CopyFrom(new)
         quantized.append(p.key)
-    if inserted:
+    if inserted or appended:
         out: list[onnx.NodeProto] = []
         for n in g.node:
             out.extend(inserted.get(n.name, []))
             out.append(n)
+            out.extend(appended.get(n.name, []))
         del g.node[:]
         g.node.extend(out)
     used = {i for n in g.node for i in n.input}
@@ -318,7 +398,13 @@ def quantize_int8(
     g.initializer.extend(keep)
     if not any(o.domain == QUANT_DOMAIN for o in merged.model.opset_import):
         merged.model.opset_import.append(helper.make_opsetid(QUANT_DOMAIN, 1))
-    return {"quantized": quantized, "kept_fp32": kept, "smoothed": smoothed, **recipe.describe()}
+    return {
+        "quantized": quantized,
+        "kept_fp32": kept,
+        "smoothed": smoothed,
+        "outlier_channels": outliers,
+        **recipe.describe(),
+    }
 
 
 @dataclass(frozen=True)
