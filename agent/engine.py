@@ -197,9 +197,13 @@ class InferenceEngine:
             "padded_tokens": 0,
             "errors": 0,
         }
+        # Merged sessions are built for CPU (fp32 or INT8); a GPU box serves the LoRA path.
+        self._can_merge = plan.device == "cpu"
+        for stale in itertools.chain(work_dir.glob("merged-*.onnx"), work_dir.glob(".merged-*.tmp")):
+            stale.unlink(missing_ok=True)  # left by a process that did not close
         self._stage_s = dict.fromkeys(STAGES, 0.0)
         self._queue_wait_s = 0.0  # summed over requests: enqueue to the start of their batch
-        self._merge: dict[str, Any] = {"state": "idle" if config.merge_adapters else "disabled"}
+        self._merge: dict[str, Any] = {"state": self._idle_merge_state()}
         self._merge_counts = {"builds": 0, "switched": 0, "cancelled": 0, "failed": 0}
         self._merge_done = threading.Condition()
         self._background = False
@@ -324,7 +328,7 @@ class InferenceEngine:
             self._merge_job = None
             self._cancel_building()
             self._jobs.notify_all()
-        self._set_merge({"state": "idle" if self._config.merge_adapters else "disabled"})
+        self._set_merge({"state": self._idle_merge_state()})
 
     def wait_merged(self, timeout: float = 120.0) -> dict[str, Any]:
         """Wait until no merge is pending or building (tests, benchmarks); the merge state."""
@@ -421,6 +425,8 @@ class InferenceEngine:
         self._queue.put(_STOP)
         self._worker.join(timeout=30)
         self._builder.join(timeout=30)
+        if self._active.model_file is not None:
+            self._active.model_file.unlink(missing_ok=True)
         if self._owns_work_dir:
             shutil.rmtree(self._work_dir, ignore_errors=True)
 
@@ -458,7 +464,7 @@ class InferenceEngine:
         with self._jobs:
             # A build for an older adapter stops at its next check (or its session load aborts).
             self._cancel_building()
-            if self._config.merge_adapters and not self._closed:
+            if self._can_merge and self._config.merge_adapters and not self._closed:
                 self._merge_job = _MergeJob(gen, adapter)
                 self._set_merge({"state": "queued", "version": adapter.version})
             self._jobs.notify_all()
@@ -474,6 +480,9 @@ class InferenceEngine:
         if old.model_file is not None and old.model_file != new.model_file:
             old.model_file.unlink(missing_ok=True)
         return old
+
+    def _idle_merge_state(self) -> str:
+        return "idle" if self._can_merge and self._config.merge_adapters else "disabled"
 
     def _set_merge(self, state: dict[str, Any]) -> None:
         with self._merge_done:
@@ -509,7 +518,12 @@ class InferenceEngine:
                 log.exception("inference builder failed")
 
     def _lean_wanted(self) -> bool:
-        return self._background and self._active.lean is None and self._lean_threads < self._threads
+        return (
+            self._background
+            and self._plan.device == "cpu"
+            and self._active.lean is None
+            and self._lean_threads < self._threads
+        )
 
     def _new_session(
         self, model: str | bytes, threads: int, generation: int | None = None, lean: bool = False
