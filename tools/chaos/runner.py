@@ -93,13 +93,16 @@ def run(
 
             box = fleet_box(world)
             fuzz_result["mqtt"] = fuzz.fuzz_over_mqtt(world, box, fuzz_messages)
-            fuzz_result["mqtt"]["crashes"] = len(world.crashes())
+        except Exception as e:  # noqa: BLE001 - a failed fuzz run is a result
+            fuzz_result["mqtt"] = {"messages": 0, "error": f"{type(e).__name__}: {e}"[:2000], "alive": False}
         finally:
+            fuzz_result["mqtt"]["crashes"] = len(world.crashes())
             world.close()
         fuzz_result["in_process"] = fuzz.fuzz_in_process(fuzz_examples)
         m = fuzz_result["mqtt"]
         fuzz_ok = (
-            m["alive"]
+            "error" not in m
+            and m["alive"]
             and m["config_unchanged"]
             and m["adapter_unchanged"]
             and m["round_unchanged"]
@@ -113,8 +116,15 @@ def run(
         world = World(root / "soak", bundle)
         try:
             soak_result = soak.soak(world, soak_seconds)
-            soak_result["crashes"] = len(world.crashes())
+        except Exception as e:  # noqa: BLE001
+            soak_result = {
+                "error": f"{type(e).__name__}: {e}"[:2000],
+                "rss_growth_pct": None,
+                "p99_drift_pct": None,
+            }
         finally:
+            assert soak_result is not None
+            soak_result["crashes"] = len(world.crashes())
             world.close()
         log(f"soak: { ({k: v for k, v in soak_result.items() if k != 'rss_series'}) }")
 
@@ -147,6 +157,8 @@ def run(
         out["targets_met"]["quick scenarios all passed"] = out["scenarios_passed"] == out["scenarios_total"]
     if fuzz_messages:
         out["targets_met"]["fuzz invariants hold"] = bool(fuzz_result.get("passed"))
+    if soak_seconds:
+        out["targets_met"]["soak ran to the end"] = soak_result is not None and "error" not in soak_result
     if all(r["passed"] for r in results) and out["targets_met"] and all(out["targets_met"].values()):
         shutil.rmtree(root, ignore_errors=True)
         out["work_dir"] = None
