@@ -61,6 +61,8 @@ def test_step_budget_is_the_same_for_every_site_and_round():
     assert fleet.train_config(0, seed=0).max_steps == 0  # the start adapter: nothing trained
     assert plan.site_steps == plan.rounds * plan.steps
     assert plan.central_steps(4) == 4 * plan.rounds * plan.steps
+    # The matched centralized run: the sites' batches in one, as many updates as the rounds make.
+    assert fleet.train_config(plan.site_steps, seed=0, batch_scale=4).batch_size == 64
     seeds = {fleet.round_seed(0, r, i) for r in range(5) for i in range(6)}
     assert len(seeds) == 30  # every (round, site) draws its own batches
 
@@ -244,7 +246,8 @@ def _fake_measurements(sites: list[Site]) -> dict:
         "local": accs(0.75),
         "local_info": {},
         "central": accs(0.88),
-        "central_same_steps": accs(0.8),
+        "central_long": accs(0.9),
+        "central_long_info": {},
         "central_info": {},
         "runs": {"fedavg_naive": fed(0.8), "ffa_lora": fed(0.87), "product_svd": fed(0.86)},
         "hostile": hostile,
@@ -268,6 +271,7 @@ def test_json_contract_targets_and_report():
     assert result["ffa_lora_acc"] == pytest.approx(0.875) and result["svd_acc"] == pytest.approx(0.865)
     assert result["best_strategy"] == "ffa_lora"
     assert result["best_vs_centralized"] == pytest.approx(0.875 / 0.885)
+    assert result["best_vs_centralized_long"] == pytest.approx(0.875 / 0.905)
     assert result["exact_error"] == pytest.approx(2e-8)  # ffa_lora and product_svd at full rank only
     assert result["fed_ge_local_all_sites"] is True and result["sites_below_local_pts"] == {}
     assert set(result["per_site"]) == {"site0", "site1"}
