@@ -246,16 +246,45 @@ class InferenceEngine:
         if plan.note:
             log.warning("execution: %s", plan.note)
         adapter = read_adapter(adapter_dir, manifest) if adapter_dir else None
-        if plan.precision == "auto":
+        # With an adapter to merge, INT8's agreement is judged on the merged INT8 session that will
+        # serve (below), not on the bundle's INT8 graph with the adapter through its LoRA inputs.
+        merged_trial = adapter is not None and config.merge_adapters and plan.device == "cpu"
+        auto = plan.precision == "auto"
+        if auto:
             plan = replace(
                 plan,
                 precision=_measure_cpu_precision(
-                    bundle_dir, manifest, config, adapter, work_dir, calibration_texts
+                    bundle_dir,
+                    manifest,
+                    config,
+                    None if merged_trial else adapter,
+                    work_dir,
+                    calibration_texts,
                 ),
             )
         session, plan = _create_session(bundle_dir, manifest, plan, config)
         engine = cls(manifest, bundle_dir, session, plan, config, work_dir, calibration_texts, owns)
-        if adapter is not None:
+        if adapter is not None and merged_trial and auto and plan.precision == "int8":
+            # Merge now, in this thread: the engine starts on the merged session, and INT8 stays
+            # only if that session agrees with the merged fp32 graph on the box's texts.
+            gen = engine._activate(adapter, queue_merge=False)
+            engine._run_merge(_MergeJob(gen, adapter))
+            state = engine._merge
+            agreement = (state.get("verify") or {}).get("agreement_vs_fp32", 0.0)
+            if state.get("state") != "serving" or agreement < config.min_int8_agreement:
+                log.info(
+                    "precision trial: merged INT8 agrees %.3f with fp32 on this box's texts (< %.2f): fp32",
+                    agreement,
+                    config.min_int8_agreement,
+                )
+                engine.close()
+                return cls.open(
+                    bundle_dir, replace(config, precision="fp32"), adapter_dir, work_dir, calibration_texts
+                )
+            log.info(
+                "precision trial: merged INT8 agrees %.3f with fp32 on this box's texts: int8", agreement
+            )
+        elif adapter is not None:
             engine._activate(adapter)
         log.info(
             "engine ready: bundle %s, %s on %s, adapter %s",
@@ -318,7 +347,8 @@ class InferenceEngine:
     def activate_adapter(self, adapter_dir: Path) -> str:
         """Check, convert and swap in an adapter; on any error the active adapter stays."""
         adapter = read_adapter(Path(adapter_dir), self.manifest)
-        return self._activate(adapter)
+        self._activate(adapter)
+        return adapter.version
 
     def deactivate_adapter(self) -> None:
         gen = next(self._generation)
@@ -437,7 +467,7 @@ class InferenceEngine:
         self.close()
 
     # ---- adapters -------------------------------------------------------------------------
-    def _activate(self, adapter: OrtAdapter) -> str:
+    def _activate(self, adapter: OrtAdapter, queue_merge: bool = True) -> int:
         path = self._work_dir / f"adapter-{next(self._adapter_seq)}.onnx_adapter"
         write_ort_adapter(adapter, path)
         handle = ort.LoraAdapter()
@@ -464,12 +494,12 @@ class InferenceEngine:
         with self._jobs:
             # A build for an older adapter stops at its next check (or its session load aborts).
             self._cancel_building()
-            if self._can_merge and self._config.merge_adapters and not self._closed:
+            if queue_merge and self._can_merge and self._config.merge_adapters and not self._closed:
                 self._merge_job = _MergeJob(gen, adapter)
                 self._set_merge({"state": "queued", "version": adapter.version})
             self._jobs.notify_all()
         log.info("adapter %s active (previous %s)", adapter.version, old.version)
-        return adapter.version
+        return gen
 
     def _swap(self, new: _Active) -> _Active:
         with self._swap_lock:

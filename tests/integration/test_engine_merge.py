@@ -244,3 +244,24 @@ def test_background_load_serves_on_fewer_threads_and_returns(tiny_bundle, random
         stats = engine.stats()
         assert not stats["background_load"] and stats["intra_op_threads"] == 2
         assert np.array_equal(engine.run_padded(ids, mask), full)
+
+
+@pytest.mark.parametrize("min_agreement,expected", [(0.9, "int8"), (1.01, "fp32")])
+def test_precision_trial_with_an_adapter_judges_the_merged_int8_session(
+    tiny_bundle, random_adapter, monkeypatch, min_agreement, expected
+):
+    """With an adapter at open, INT8 stays only if the merged INT8 session (what will serve) agrees
+    with fp32 on the box's texts; the engine then starts on it. Otherwise it serves fp32."""
+    from agent import providers
+
+    monkeypatch.setattr(providers, "choose_cpu_precision", lambda trials, *a, **k: "int8")  # INT8 "faster"
+    cfg = EngineConfig(cache_size=0, min_int8_agreement=min_agreement)
+    with InferenceEngine.open(tiny_bundle, cfg, adapter_dir=random_adapter, calibration_texts=TEXTS) as e:
+        assert e.precision == expected and e.adapter_version == "a1"
+        if expected == "int8":
+            # Merged before open returned: no LoRA-path period, and the check is recorded.
+            assert e.serving_path == "merged"
+            assert e.stats()["merge"]["verify"]["agreement_vs_fp32"] >= min_agreement
+        else:
+            assert e.wait_merged(120)["state"] == "serving" and e.serving_path == "merged"
+        assert [p.adapter_version for p in e.predict(TEXTS[:2])] == ["a1", "a1"]
