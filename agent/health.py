@@ -33,6 +33,38 @@ from agent.durable import write_json_atomic
 log = logging.getLogger(__name__)
 
 
+class LogThrottle:
+    """At most ``burst`` log lines per key per ``window_s``, then one line saying how many were held
+    back: a device flooding bad messages must not flood the journal (or the disk) as well. The
+    counters keep every event; the log keeps a sample."""
+
+    def __init__(self, burst: int = 20, window_s: float = 60.0):
+        self.burst, self.window_s = burst, window_s
+        self._lock = threading.Lock()
+        self._state: dict[str, list[float]] = {}  # key -> [window start, logged, held back]
+
+    def log(self, logger: logging.Logger, level: int, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            st = self._state.get(key)
+            if st is None or now - st[0] >= self.window_s:
+                held = int(st[2]) if st is not None else 0
+                st = self._state[key] = [now, 0, 0]
+                if held:
+                    logger.log(
+                        level,
+                        "%d more like the next (%s) in the last %.0f s, not logged",
+                        held,
+                        key,
+                        self.window_s,
+                    )
+            if st[1] >= self.burst:
+                st[2] += 1
+                return
+            st[1] += 1
+        logger.log(level, msg, *args)
+
+
 class Counters:
     """Thread-safe counters in named groups, e.g. ``rejected[invalid_json]``."""
 

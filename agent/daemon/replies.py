@@ -6,7 +6,7 @@ import logging
 import threading
 from typing import Any
 
-from agent.health import Counters
+from agent.health import Counters, LogThrottle
 from agent.messages import MessageError
 from agent.mqtt import InboundMessage, Transport
 from agent.topics import Kind, Topics
@@ -21,6 +21,7 @@ class Replier:
         self.transport = transport
         self.topics = topics
         self.counters = counters
+        self._throttle = LogThrottle()
 
     def reply(self, kind: Kind, msg: InboundMessage | None, payload: dict[str, Any]) -> None:
         topic = self.topics.result_topic(kind)
@@ -35,7 +36,10 @@ class Replier:
         """A bad message: error reply, counter, log line, ack. Nothing else changes."""
         self.counters.inc("rejected", str(err.code))
         self.counters.inc("rejected_by_topic", str(kind))
-        log.warning(
+        self._throttle.log(
+            log,
+            logging.WARNING,
+            f"{kind}:{err.code}",
             "rejected %s message (mid %d, id %s): %s: %s",
             kind,
             msg.mid,

@@ -18,7 +18,7 @@ from typing import Any
 from agent.config import RuntimeConfig
 from agent.daemon.replies import Replier
 from agent.daemon.settings import EngineLike
-from agent.health import Counters
+from agent.health import Counters, LogThrottle
 from agent.messages import ErrorCode, MessageError
 from agent.mqtt import InboundMessage
 from agent.store import StorageError, Store
@@ -82,6 +82,7 @@ class RuntimeConfigHandler:
         self.transport = replier.transport
         self.counters = counters
         self.engine_config = engine_config
+        self._throttle = LogThrottle()
 
     def state(self, status: str, version: int | None, **extra: Any) -> dict[str, Any]:
         return {
@@ -98,7 +99,15 @@ class RuntimeConfigHandler:
         self.counters.inc("rejected", str(err.code))
         self.counters.inc("rejected_by_topic", str(Kind.CONFIG))
         errors = err.details or [err.message]
-        log.warning("config version %s rejected (%s): %s", version, err.code, "; ".join(errors))
+        self._throttle.log(
+            log,
+            logging.WARNING,
+            str(err.code),
+            "config version %s rejected (%s): %s",
+            version,
+            err.code,
+            "; ".join(errors),
+        )
         try:
             self.store.save_config(version or 0, {}, accepted=False, errors=errors)
         except StorageError as e:

@@ -57,7 +57,7 @@ from agent.fed.wire import (
     tensors_from_bytes,
     tensors_to_bytes,
 )
-from agent.health import Counters
+from agent.health import Counters, LogThrottle
 from agent.mqtt import InboundMessage, MqttClient
 from agent.store import StorageError, Store
 from agent.topics import Topics
@@ -117,6 +117,7 @@ class SyncClient:
         self.fleet_dir = boot.data_dir / "fleet"
         self.fleet_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._throttle = LogThrottle()
         self._reassembler = Reassembler(max_blobs=4)
         self._manifest: GlobalManifest | None = None  # verified, waiting for its bytes
         self._blobs: dict[str, tuple[str, bytes]] = {}  # version -> (sha256, bytes) of a whole blob
@@ -456,7 +457,7 @@ class SyncClient:
     # ---- reporting ---------------------------------------------------------------------------------
     def _refuse(self, what: str, code: str, message: str) -> None:
         self.counters.inc("sync_refused", f"{what}:{code}")
-        log.warning("sync: %s", message)
+        self._throttle.log(log, logging.WARNING, f"{what}:{code}", "sync: %s", message)
         self._event(f"{what}_refused", code=code, reason=message)
 
     def _event(self, event: str, **body: Any) -> None:
