@@ -48,6 +48,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import BrokerConfig
+from agent.health import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,13 @@ class Transport(Protocol):
     def connected(self) -> bool: ...
 
     def publish(
-        self, topic: str, payload: Payload, *, retain: bool = False, correlation_data: bytes | None = None
+        self,
+        topic: str,
+        payload: Payload,
+        *,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        qos: int = 1,
     ) -> None: ...
 
     def ack(self, msg: InboundMessage) -> None: ...
@@ -178,6 +185,8 @@ class MqttClient:
         # Resume accounting; written on paho's thread, read by stats() under the lock.
         self._sessions_new = 0
         self._handler_errors = 0  # messages a handler raised on (acked and dropped)
+        self._publish_dropped = 0  # outbound messages paho refused (its queue full)
+        self._throttle = LogThrottle()
         self._sessions_resumed = 0
         self._resume_nonce: str | None = None  # set while counting what the broker had queued
         self._queued_last: int | None = None
@@ -275,6 +284,7 @@ class MqttClient:
             return {
                 "sessions_new": self._sessions_new,
                 "handler_errors": self._handler_errors,
+                "publish_dropped": self._publish_dropped,
                 "sessions_resumed": self._sessions_resumed,
                 "queued_received_last_resume": self._queued_last,
                 "queued_last_resume_state": self._queued_last_state,
@@ -295,16 +305,34 @@ class MqttClient:
         return self._connected
 
     def publish(
-        self, topic: str, payload: Payload, *, retain: bool = False, correlation_data: bytes | None = None
+        self,
+        topic: str,
+        payload: Payload,
+        *,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        qos: int = QOS,
     ) -> None:
+        """QoS 1 by default. QoS 0 for what may be lost and must never queue up: error replies to
+        bad input, which a flooding device would otherwise turn into a full outbound queue that
+        drops the good replies too."""
         props = None
         if correlation_data is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation_data
-        info = self._client.publish(topic, encode(payload), qos=QOS, retain=retain, properties=props)
+        info = self._client.publish(topic, encode(payload), qos=qos, retain=retain, properties=props)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             # NO_CONN: queued, sent after the reconnect. Anything else (queue full): dropped.
-            log.warning("publish to %s dropped: %s", topic, paho.error_string(info.rc))
+            with self._lock:
+                self._publish_dropped += 1
+            self._throttle.log(
+                log,
+                logging.WARNING,
+                "publish dropped",
+                "publish to %s dropped: %s",
+                topic,
+                paho.error_string(info.rc),
+            )
 
     def publish_and_wait(
         self, topic: str, payload: Payload, *, retain: bool = False, timeout: float = 2.0

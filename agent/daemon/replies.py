@@ -23,14 +23,16 @@ class Replier:
         self.counters = counters
         self._throttle = LogThrottle()
 
-    def reply(self, kind: Kind, msg: InboundMessage | None, payload: dict[str, Any]) -> None:
+    def reply(self, kind: Kind, msg: InboundMessage | None, payload: dict[str, Any], qos: int = 1) -> None:
         topic = self.topics.result_topic(kind)
         correlation = None
         if msg is not None:
             correlation = msg.correlation_data
             if kind is not Kind.CONFIG and msg.response_topic and _publishable(msg.response_topic):
                 topic = msg.response_topic
-        self.transport.publish(topic, payload, retain=kind is Kind.CONFIG, correlation_data=correlation)
+        self.transport.publish(
+            topic, payload, retain=kind is Kind.CONFIG, correlation_data=correlation, qos=qos
+        )
 
     def reject(self, kind: Kind, msg: InboundMessage, err: MessageError, **extra: Any) -> None:
         """A bad message: error reply, counter, log line, ack. Nothing else changes."""
@@ -47,7 +49,9 @@ class Replier:
             err.code,
             err.message,
         )
-        self.reply(kind, msg, err.payload(**extra))
+        # QoS 0: an error reply may be lost, but a flood of bad messages must not fill the outbound
+        # queue and crowd out the answers to good ones (the counter keeps every rejection).
+        self.reply(kind, msg, err.payload(**extra), qos=0)
         self.transport.ack(msg)
 
 

@@ -458,12 +458,12 @@ class SyncClient:
     def _refuse(self, what: str, code: str, message: str) -> None:
         self.counters.inc("sync_refused", f"{what}:{code}")
         self._throttle.log(log, logging.WARNING, f"{what}:{code}", "sync: %s", message)
-        self._event(f"{what}_refused", code=code, reason=message)
+        self._event(f"{what}_refused", qos=0, code=code, reason=message)
 
-    def _event(self, event: str, **body: Any) -> None:
+    def _event(self, event: str, qos: int = 1, **body: Any) -> None:
         if self.transport.connected:
             self.transport.publish(
-                self.box_topics.sync, {"event": event, "ts": round(time.time(), 3), **body}
+                self.box_topics.sync, {"event": event, "ts": round(time.time(), 3), **body}, qos=qos
             )
 
     def status(self) -> dict[str, Any]:
