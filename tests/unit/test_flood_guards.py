@@ -34,3 +34,32 @@ def test_log_throttle_keeps_a_sample_and_says_how_many_it_held_back(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[:4] == ["rejected 0", "rejected 1", "rejected 2", "another kind"]
     assert "47 more like the next (samples:invalid_json)" in lines[4] and lines[5] == "rejected 99"
+
+
+def test_rejections_go_at_qos_0_so_a_flood_cannot_fill_the_qos_1_queue():
+    # Found by the chaos fuzz: 100,000 bad messages queued 20,000 QoS 1 error replies and paho
+    # dropped the answers to good requests with them.
+    from agent.daemon.replies import Replier
+    from agent.health import Counters
+    from agent.messages import ErrorCode, MessageError
+    from agent.mqtt import InboundMessage
+    from agent.topics import Kind, Topics
+
+    class Recorder:
+        connected = True
+
+        def __init__(self):
+            self.sent, self.acked = [], []
+
+        def publish(self, topic, payload, *, retain=False, correlation_data=None, qos=1):
+            self.sent.append((topic, qos))
+
+        def ack(self, msg):
+            self.acked.append(msg.mid)
+
+    t = Recorder()
+    r = Replier(t, Topics("s", "d"), Counters())
+    msg = InboundMessage("edge/s/d/samples", b"{", 1, False, 7)
+    r.reject(Kind.SAMPLE, msg, MessageError(ErrorCode.INVALID_JSON, "not JSON"))
+    r.reply(Kind.INFER, msg, {"id": "r1", "predictions": []})
+    assert t.sent == [("edge/s/d/samples/res", 0), ("edge/s/d/infer/res", 1)] and t.acked == [7]
