@@ -135,6 +135,9 @@ def soak(world: World, seconds: float, warmup_s: float = 60.0, window_s: float =
     def window_rss(w: tuple[float, float]) -> float:
         return statistics.median(rss for t, rss, _ in samples if w[0] - t_start <= t < w[1] - t_start)
 
+    def window_fds(w: tuple[float, float]) -> float:
+        return statistics.median(fds for t, _, fds in samples if w[0] - t_start <= t < w[1] - t_start)
+
     p_first, p_last = window_p99(first), window_p99(last)
     rss_first, rss_last = window_rss(first), window_rss(last)
     uploads = len([u for u in world.events(box, "sync") if u["event"] == "upload_acknowledged"])
@@ -152,8 +155,9 @@ def soak(world: World, seconds: float, warmup_s: float = 60.0, window_s: float =
         "rss_mb_first": round(rss_first, 1),
         "rss_mb_last": round(rss_last, 1),
         "rss_growth_pct": round(100.0 * (rss_last - rss_first) / rss_first, 2),
-        "fds_first": samples[0][2] if samples else None,
-        "fds_last": samples[-1][2] if samples else None,
+        # Medians over the same windows: learner rounds open pipes and database connections for a while.
+        "fds_first": window_fds(first),
+        "fds_last": window_fds(last),
         "p99_ms_first": p_first,
         "p99_ms_last": p_last,
         "p99_drift_pct": round(100.0 * (p_last - p_first) / p_first, 1) if p_first and p_last else None,
