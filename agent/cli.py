@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-length", type=int, default=128)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_model_build)
+    from agent.fed.commands import add_model_publish
+
+    add_model_publish(model)
     i = model.add_parser("inspect", help="print the manifest and check the bundle")
     i.add_argument("bundle")
     i.set_defaults(func=_cmd_model_inspect)

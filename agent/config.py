@@ -197,6 +197,12 @@ class FleetConfig(_Section):
         description="uploads are sent in chunks of at most this many bytes (below the broker's "
         "max_packet_size)",
     )
+    max_bundle_bytes: int = Field(
+        2 * 1024**3,
+        ge=1024 * 1024,
+        description="disk quota of a new base model being fetched from headquarters (the default "
+        "bundle is ~280 MB)",
+    )
 
     @model_validator(mode="after")
     def _some_key(self) -> FleetConfig:
@@ -410,6 +416,13 @@ class SyncSettings(_RuntimeSection):
         ge=1.0,
         le=86400.0,
         description="an upload the aggregator has not acknowledged is sent again after this long",
+    )
+    bundle_policy: Literal["train_first", "switch_now", "never"] = Field(
+        "train_first",
+        description="a new base model from headquarters: train_first learns a first adapter for it "
+        "from the stored samples and switches only if that passes the gate against what serves now; "
+        "switch_now switches once it is verified and tried (serving without an adapter until one is "
+        "learned); never keeps the current base",
     )
     adopt_global: bool = Field(
         True,

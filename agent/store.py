@@ -157,6 +157,22 @@ def m003_prediction_latency(db: Database) -> None:
     db.execute("ALTER TABLE predictions ADD COLUMN latency_ms REAL")
 
 
+@migrations()
+def m004_bundle_chunks(db: Database) -> None:
+    # Chunks of a base-model release written to the staging directory and fsynced: a download
+    # killed at any point resumes by asking for what is not here.
+    db.executescript(
+        """
+        CREATE TABLE bundle_chunks (
+            bundle_hash TEXT NOT NULL,
+            path TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            PRIMARY KEY (bundle_hash, path, idx)
+        );
+        """
+    )
+
+
 # ---- errors ---------------------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from agent.daemon.ingest import IngestWriter, KnownLabels, LabeledHandler
 from agent.daemon.replies import Inflight, Replier
 from agent.daemon.reports import Reporter, TelemetryLoop
 from agent.daemon.runtime_config import LiveConfig, RuntimeConfigHandler
+from agent.daemon.serving import SwitchableEngine
 from agent.daemon.settings import (
     EngineLike,
     engine_config,
@@ -102,10 +103,11 @@ class EdgeAgent:
         self._engine_config = engine_config_factory
         self._threads: list[threading.Thread] = []
         self.store: Store
-        self.engine: EngineLike
+        self.engine: SwitchableEngine  # delegates to the InferenceEngine serving now
         self.learner: LearnerManager | None = None
         self.learner_cgroup: Any = None  # agent.ops.cgroup.LearnerCgroup under systemd with Delegate=
         self.sync: Any = None  # agent.fed.client.SyncClient when the bootstrap file has [fleet]
+        self.bundles: Any = None  # agent.fed.bundles.BundleUpdater, likewise
         self.transport: MqttClient
         self.replier: Replier
         self.dispatcher: Dispatcher
@@ -143,11 +145,32 @@ class EdgeAgent:
         log.info("runtime config: version %d from the store", self.runtime.version)
 
     def init_engine(self) -> None:
+        bundle = self.served_bundle()
         if self._engine_factory is open_engine:
             # The INT8-vs-fp32 trial is judged on this plant's own texts when it has some.
-            self.engine = open_engine(self.boot, self.runtime, self.store.recent_holdout_texts(256))
+            engine = open_engine(self.boot, self.runtime, self.store.recent_holdout_texts(256), bundle)
         else:
-            self.engine = self._engine_factory(self.boot, self.runtime)
+            engine = self._engine_factory(self.boot, self.runtime)
+        # Replaceable as a whole when headquarters releases a new base model (agent.fed.bundles).
+        self.engine = SwitchableEngine(engine, bundle)
+
+    def served_bundle(self) -> Path:
+        """The bundle to serve: the last base model switched to from headquarters, while its files
+        are intact; the bootstrap file's otherwise."""
+        from agent.bundle import check_bundle
+
+        released = self.store.sync_state("bundle.active_dir")
+        if released and self.boot.fleet is not None:
+            problems = check_bundle(Path(released), verify_hash=False)
+            if not problems:
+                return Path(released)
+            log.error(
+                "released bundle %s is not usable (%s); serving %s",
+                released,
+                "; ".join(problems),
+                self.boot.bundle,
+            )
+        return self.boot.bundle
 
     def init_transport(self) -> None:
         subscriptions = {t: kind is Kind.CONFIG for t, kind in self.topics.inbound().items()}
@@ -187,7 +210,7 @@ class EdgeAgent:
         cgroup = self.learner_cgroup
         self.learner = LearnerManager(
             db_path=self.boot.db_path,
-            bundle_dir=self.boot.bundle,
+            bundle_dir=self.engine.bundle_dir,
             data_dir=self.boot.data_dir,
             engine=self.engine,
             settings=learner_settings(self.runtime),
@@ -279,6 +302,27 @@ class EdgeAgent:
         self.control.every_idle("sync tick", self.sync.tick)
         self.reporter.add_section("sync", self.sync.status)
         self.commands.register("sync_now", lambda args: self.sync.sync_now())
+        from agent.fed.bundles import BundleUpdater
+
+        sync = self.sync
+        self.bundles = BundleUpdater(
+            boot=self.boot,
+            store=self.store,
+            transport=self.transport,
+            live=self.live,
+            engine=self.engine,
+            learner=self.learner,
+            counters=self.counters,
+            keys=sync.keys,
+            open_engine=lambda bundle, texts, adapter: open_engine(
+                self.boot, self.runtime, texts, bundle, adapter
+            ),
+            on_switched=sync.follow_bundle,
+            event=sync.event,
+        )
+        sync.bundles = self.bundles
+        self.reporter.add_section("bundle", self.bundles.status)
+        self.commands.register("rollback_model", lambda args: _ok_or_raise(self.bundles.rollback()))
 
     # ---- start / stop --------------------------------------------------------------------------
     def start(self) -> None:
@@ -318,6 +362,8 @@ class EdgeAgent:
             )
         if self.learner is not None:
             self.learner.stop()
+        if self.bundles is not None:
+            self.bundles.close()
         self.transport.stop()
         self.engine.close()
         self.probe.close()

@@ -68,7 +68,7 @@ class Reporter:
 
     def model_info(self) -> dict[str, Any]:
         manifest = getattr(self.engine, "manifest", None)
-        info: dict[str, Any] = {"bundle": str(self.boot.bundle)}
+        info: dict[str, Any] = {"bundle": str(getattr(self.engine, "bundle_dir", self.boot.bundle))}
         if manifest is not None:
             info.update(name=getattr(manifest, "name", None), base_hash=getattr(manifest, "base_hash", None))
         info["precision"] = getattr(self.engine, "precision", None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent.config import BootstrapConfig, RuntimeConfig
@@ -51,15 +52,29 @@ def engine_config(boot: BootstrapConfig, runtime: RuntimeConfig) -> Any:
 
 
 def open_engine(
-    boot: BootstrapConfig, runtime: RuntimeConfig, calibration_texts: list[str] | None = None
+    boot: BootstrapConfig,
+    runtime: RuntimeConfig,
+    calibration_texts: list[str] | None = None,
+    bundle_dir: Path | None = None,
+    adapter_dir: Path | None = None,
 ) -> EngineLike:
+    """An engine on the bootstrap file's bundle (with its ``engine.adapter_dir``), or on
+    ``bundle_dir`` (a release from headquarters) with ``adapter_dir``; each bundle its work dir."""
     from agent.engine import InferenceEngine
 
+    if bundle_dir is None or Path(bundle_dir) == boot.bundle:
+        bundle_dir, adapter_dir, work = (
+            boot.bundle,
+            adapter_dir or boot.engine.adapter_dir,
+            boot.data_dir / "engine",
+        )
+    else:
+        work = boot.data_dir / f"engine-{Path(bundle_dir).name}"
     return InferenceEngine.open(
-        boot.bundle,
+        bundle_dir,
         engine_config(boot, runtime),
-        adapter_dir=boot.engine.adapter_dir,
-        work_dir=boot.data_dir / "engine",
+        adapter_dir=adapter_dir,
+        work_dir=work,
         calibration_texts=calibration_texts,
     )
 

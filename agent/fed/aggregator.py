@@ -37,6 +37,7 @@ from agent import clock, exit_codes
 from agent.bundle import load_manifest
 from agent.config import ConfigError
 from agent.fed import strategies
+from agent.fed.bundle_server import BundleServer
 from agent.fed.hq_config import HqConfig, load_hq_config
 from agent.fed.hq_store import HqStore, Round
 from agent.fed.protocol import (
@@ -85,11 +86,15 @@ class Aggregator:
         self._thread: threading.Thread | None = None
         self._frozen_cache: tuple[int, dict[str, np.ndarray]] | None = None
         self.last_aggregate_s: float | None = None
+        self.bundles = BundleServer(config.fleet, self.store, self, self.key, self.counters)
         self.transport = MqttClient(
             config.broker,
             f"edge-aggregator-{config.fleet}-{self.worker}",
             will=Will(self.topics.worker_status(self.worker), {"state": "offline", "worker": self.worker}),
-            subscriptions={self.topics.shared_uploads(config.share_group): False},
+            subscriptions={
+                self.topics.shared_uploads(config.share_group): False,
+                **self.bundles.subscriptions(config.share_group),
+            },
             on_message=self.on_message,
         )
 
@@ -121,9 +126,17 @@ class Aggregator:
         return self.transport.alive and self._thread is not None and self._thread.is_alive()
 
     # ---- uploads (paho's thread) ---------------------------------------------------------------
+    # The bundle server publishes through the aggregator's transport (made after it).
+    def publish(self, topic: str, payload: Any, **kw: Any) -> None:
+        self.transport.publish(topic, payload, **kw)
+
+    def publish_and_wait(self, topic: str, payload: Any, **kw: Any) -> bool:
+        return self.transport.publish_and_wait(topic, payload, **kw)
+
     def on_message(self, msg: InboundMessage) -> None:
         device = self.topics.device_of_upload(msg.topic)
         if device is None:
+            self.bundles.on_message(msg.topic, msg.payload)
             self.transport.ack(msg)
             return
         answer = self._take_chunk(device, msg.payload)
@@ -292,6 +305,7 @@ class Aggregator:
     def step(self, now: float | None = None) -> None:
         """One look at the round: publish what is pending, open, aggregate or extend."""
         now = clock.time() if now is None else now
+        self.bundles.step()
         for round_id, manifest, blob in self.store.unpublished_globals():
             self._publish_global(round_id, manifest, blob)
         r = self.store.open_round()
@@ -513,6 +527,7 @@ class Aggregator:
             "uploads_in_round": self.store.count_uploads(r.id) if r else 0,
             "last_aggregate_s": self.last_aggregate_s,
             **self.store.stats(),
+            "releases": self.bundles.status(),
             "counters": self.counters.snapshot(),
         }
 

@@ -125,6 +125,7 @@ class SyncClient:
         self._round: RoundAnnouncement | None = None
         self._send_now = False
         self._sessions_new: int | None = None  # new (not resumed) MQTT sessions seen so far
+        self.bundles: Any = None  # agent.fed.bundles.BundleUpdater: base-model releases
         self._last_skip: str | None = None
         saved = store.sync_state("round")
         if saved:
@@ -172,6 +173,10 @@ class SyncClient:
                 self._on_chunk(msg.payload)
             elif topic == self.topics.result(self.device):
                 self._on_result(msg.payload)
+            elif topic == self.topics.bundle and self.bundles is not None:
+                self.bundles.on_release(msg.payload)
+            elif topic == self.topics.bundle_data(self.device) and self.bundles is not None:
+                self.bundles.on_data(msg.payload)
             else:
                 log.debug("fleet topic %s not for this box", topic)
         except StorageError as e:
@@ -277,9 +282,21 @@ class SyncClient:
             self._event("upload_acknowledged", upload_id=res.upload_id, round=res.round, late=res.late)
 
     # ---- control thread ---------------------------------------------------------------------------
+    def follow_bundle(self, bundle_dir: Path) -> None:
+        """The box switched base models: uploads and globals are checked against the new one."""
+        from agent.bundle import load_manifest
+
+        self.spec = AdapterSpec.from_manifest(load_manifest(bundle_dir))
+
+    def event(self, event: str, qos: int = 1, **body: Any) -> None:
+        """A sync event on the box's ``sync`` topic (also for the bundle updater)."""
+        self._event(event, qos=qos, **body)
+
     def tick(self) -> None:
         if not self.live().sync.enabled:
             return
+        if self.bundles is not None:
+            self.bundles.tick()
         sessions = self.transport.stats().get("sessions_new", 0)
         if self._sessions_new is not None and sessions > self._sessions_new:
             # A new session (not resumed): the broker lost what it held for us, and possibly the

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from agent import exit_codes
+from agent import __version__, exit_codes
 
 
 def cmd_aggregator_run(args: argparse.Namespace) -> int:
@@ -29,6 +29,54 @@ def cmd_keys(args: argparse.Namespace) -> int:
     print(f"private key {private} (keep it at headquarters: hq.toml signing_key_file)")
     print(f"public key  {public} (give it to every box: [fleet] public_key_files)")
     return exit_codes.OK
+
+
+def cmd_model_publish(args: argparse.Namespace) -> int:
+    """``edge-agent model publish BUNDLE --config hq.toml``: register a release the aggregator rolls out."""
+    from agent.config import ConfigError
+    from agent.fed.bundle_server import register_release
+    from agent.fed.hq_config import load_hq_config
+    from agent.fed.hq_store import HqStore
+    from agent.fed.signing import load_private_key
+
+    try:
+        config = load_hq_config(Path(args.config))
+    except ConfigError as e:
+        for line in e.errors:
+            print(f"{args.config}: {line}", file=sys.stderr)
+        return exit_codes.CONFIG_ERROR
+    store = HqStore(config.db_path)
+    try:
+        release = register_release(
+            store,
+            config.data_dir,
+            config.fleet,
+            Path(args.bundle),
+            load_private_key(config.signing_key_path()),
+            canary=[d for d in (args.canary or "").split(",") if d],
+            percent=args.percent,
+            min_agent_version=args.min_agent_version or __version__,
+            chunk_bytes=config.chunk_bytes,
+        )
+    finally:
+        store.close()
+    size = sum(f.size for f in release.files)
+    print(
+        f"release {release.release}: {release.name}, {len(release.files)} files, {size} bytes, base "
+        f"{release.base_hash[:12]}, stage {release.rollout.stage}; the leading aggregator worker publishes it"
+    )
+    return exit_codes.OK
+
+
+def add_model_publish(model_sub: argparse._SubParsersAction) -> None:
+    """``model publish``, under the CLI's ``model`` command."""
+    p = model_sub.add_parser("publish", help="release a bundle to the fleet (headquarters)")
+    p.add_argument("bundle", help="bundle directory (edge-agent model build)")
+    p.add_argument("--config", required=True, help="hq.toml: fleet, signing key, aggregator data_dir")
+    p.add_argument("--canary", help="comma list of devices that take it first")
+    p.add_argument("--percent", type=float, default=0.0, help="share of the fleet that takes it first")
+    p.add_argument("--min-agent-version", help="lowest agent version that can serve it (default: this one)")
+    p.set_defaults(func=cmd_model_publish)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -87,6 +87,32 @@ def m001_initial(db: Database) -> None:
     )
 
 
+@migrations()
+def m002_bundle_releases(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE releases (
+            release INTEGER PRIMARY KEY,       -- increasing; boxes take a newer one than they serve
+            bundle_hash TEXT NOT NULL UNIQUE,
+            dir TEXT NOT NULL,                 -- the files headquarters serves chunks from
+            manifest TEXT NOT NULL,            -- JSON, signed, as last published (its rollout stage)
+            stage TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            published_at REAL                  -- NULL: the leader publishes it at its next step
+        );
+        CREATE TABLE release_reports (
+            release INTEGER NOT NULL,
+            device TEXT NOT NULL,
+            status TEXT NOT NULL,
+            reason TEXT,
+            gate TEXT,
+            ts REAL NOT NULL,
+            PRIMARY KEY (release, device)
+        );
+        """
+    )
+
+
 @dataclass(frozen=True)
 class Round:
     id: int

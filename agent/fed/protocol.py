@@ -110,3 +110,66 @@ def validate(data: Any, model: type[_Msg]) -> Any:
         return model.model_validate(data)
     except ValidationError as e:
         raise ProtocolError("invalid_payload", "; ".join(format_errors(e))) from None
+
+
+# ---- base-model releases (agent.fed.bundles on the box, agent.fed.bundle_server at HQ) ---------
+
+RelPath = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+]
+
+
+class BundleFile(_Msg):
+    path: RelPath = Field(description="relative to the bundle directory; no '..', no absolute paths")
+    size: int = Field(ge=0, le=2**34)
+    sha256: Hex64
+
+
+class Rollout(_Msg):
+    stage: Literal["canary", "all", "halted"] = Field(description="who takes the release now")
+    canary: list[Segment] = Field(
+        default_factory=list, max_length=10_000, description="devices of the canary stage"
+    )
+    percent: float = Field(
+        0.0, ge=0.0, le=100.0, description="share of the fleet in the canary stage, by device hash"
+    )
+    reason: str | None = Field(None, max_length=2000, description="why the rollout halted")
+
+
+class BundleRelease(_Msg):
+    """Retained on ``fed/{fleet}/bundle``, signed: a new base model for the fleet."""
+
+    kind: Literal["bundle"] = "bundle"
+    fleet: Segment
+    release: int = Field(ge=1, description="increasing: a box takes a release newer than the one it serves")
+    bundle_hash: Hex64 = Field(description="sha256 over the canonical list of files (bundle_hash())")
+    name: str = Field(min_length=1, max_length=200)
+    base_hash: Hex64
+    labels: list[Label] = Field(min_length=1, max_length=1024)
+    min_agent_version: str = Field(pattern=r"^\d+(\.\d+){0,3}$")
+    files: list[BundleFile] = Field(min_length=1, max_length=256)
+    chunk_bytes: int = Field(ge=4096, le=1024 * 1024)
+    rollout: Rollout
+    created: float = Field(ge=0)
+    key_id: str | None = None
+    signature: str | None = None
+
+
+class BundleRequest(_Msg):
+    """Box → HQ on ``fed/{fleet}/bundle/req/{device}``: send me these chunks of this file."""
+
+    bundle_hash: Hex64
+    path: RelPath
+    chunks: list[int] = Field(min_length=1, max_length=256)
+
+
+class BundleReport(_Msg):
+    """Box → HQ on ``fed/{fleet}/bundle/report/{device}``: how the release is going here."""
+
+    device: Segment
+    release: int = Field(ge=1)
+    bundle_hash: Hex64
+    status: Literal["downloading", "verified", "trial", "switched", "refused", "failed", "rolled_back"]
+    reason: str | None = Field(None, max_length=4000)
+    gate: dict[str, Any] | None = None
+    ts: float = Field(ge=0)

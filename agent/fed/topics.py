@@ -8,6 +8,10 @@
 | ``global``                     | HQ → boxes  | yes      | the signed manifest of the newest global        |
 | ``global/chunk/{i}``           | HQ → boxes  | yes      | the global's chunks (frames)                    |
 | ``hq/{worker}``                | HQ          | yes      | an aggregator worker's status (will: offline)   |
+| ``bundle``                     | HQ → boxes  | yes      | the signed base-model release (``BundleRelease``) |
+| ``bundle/req/{device}``        | box → HQ    | no       | chunks of a release file the box still needs    |
+| ``bundle/data/{device}``       | HQ → box    | no       | those chunks (frames, like uploads)             |
+| ``bundle/report/{device}``     | box → HQ    | no       | how the release goes on the box (``BundleReport``) |
 
 Aggregator workers subscribe to ``up/+`` through the shared subscription
 ``$share/{group}/fed/{fleet}/up/+``, so the broker (or broker cluster) spreads uploads over them.
@@ -52,9 +56,7 @@ class FleetTopics:
 
     def shared_uploads(self, group: str) -> str:
         """The uploads as an MQTT 5 shared subscription: each message goes to one worker of ``group``."""
-        if not _SEGMENT.match(group):
-            raise ValueError(f"share group {group!r} is not a valid topic level")
-        return f"$share/{group}/{self.uploads}"
+        return self.shared(group, "up/+")
 
     def result(self, device: str) -> str:
         return self.base + f"res/{device}"
@@ -70,16 +72,39 @@ class FleetTopics:
     def global_chunks(self) -> str:
         return self.base + "global/chunk/+"
 
+    @property
+    def bundle(self) -> str:
+        return self.base + "bundle"
+
+    def bundle_request(self, device: str) -> str:
+        return self.base + f"bundle/req/{device}"
+
+    def bundle_data(self, device: str) -> str:
+        return self.base + f"bundle/data/{device}"
+
+    def bundle_report(self, device: str) -> str:
+        return self.base + f"bundle/report/{device}"
+
+    def shared(self, group: str, suffix: str) -> str:
+        """``fed/{fleet}/{suffix}`` as a shared subscription of ``group`` (suffix may end in ``+``)."""
+        if not _SEGMENT.match(group):
+            raise ValueError(f"share group {group!r} is not a valid topic level")
+        return f"$share/{group}/{self.base}{suffix}"
+
+    def device_after(self, prefix: str, topic: str) -> str | None:
+        """``fed/{fleet}/{prefix}/{device}`` -> device (a valid topic level), or None."""
+        start = self.base + prefix + "/"
+        if not topic.startswith(start):
+            return None
+        device = topic[len(start) :]
+        return device if _SEGMENT.match(device) else None
+
     def worker_status(self, worker: str) -> str:
         return self.base + f"hq/{worker}"
 
     def device_of_upload(self, topic: str) -> str | None:
         """``fed/{fleet}/up/{device}`` -> device, or None for any other topic."""
-        prefix = self.base + "up/"
-        if not topic.startswith(prefix):
-            return None
-        device = topic[len(prefix) :]
-        return device if _SEGMENT.match(device) else None
+        return self.device_after("up", topic)
 
     def is_fleet_topic(self, topic: str) -> bool:
         return topic.startswith(self.base)
@@ -91,4 +116,6 @@ class FleetTopics:
             self.global_manifest: True,
             self.global_chunks: True,
             self.result(device): False,
+            self.bundle: True,
+            self.bundle_data(device): False,
         }

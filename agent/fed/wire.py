@@ -93,6 +93,16 @@ class Chunk:
     data: bytes
 
 
+def frame(
+    blob_id: str, index: int, count: int, size: int, digest: str, meta: Mapping[str, Any], data: bytes
+) -> bytes:
+    """One chunk of a blob as a frame (see the module docstring)."""
+    header = canonical_json(
+        {"blob": blob_id, "i": index, "n": count, "size": size, "sha256": digest, "meta": dict(meta)}
+    )
+    return MAGIC + _LEN.pack(len(header)) + header + data
+
+
 def split_blob(blob_id: str, data: bytes, meta: Mapping[str, Any], chunk_bytes: int) -> list[bytes]:
     """The frames of one blob, each carrying at most ``chunk_bytes`` of data."""
     if chunk_bytes <= 0:
@@ -101,24 +111,15 @@ def split_blob(blob_id: str, data: bytes, meta: Mapping[str, Any], chunk_bytes: 
     if count > MAX_CHUNKS or len(data) > MAX_BLOB_BYTES:
         raise ValueError(f"blob of {len(data)} bytes is too large to send")
     digest = sha256_hex(data)
-    frames = []
-    for i in range(count):
-        header = canonical_json(
-            {
-                "blob": blob_id,
-                "i": i,
-                "n": count,
-                "size": len(data),
-                "sha256": digest,
-                "meta": dict(meta),
-            }
-        )
-        frames.append(MAGIC + _LEN.pack(len(header)) + header + data[i * chunk_bytes : (i + 1) * chunk_bytes])
-    return frames
+    return [
+        frame(blob_id, i, count, len(data), digest, meta, data[i * chunk_bytes : (i + 1) * chunk_bytes])
+        for i in range(count)
+    ]
 
 
-def parse_chunk(frame: bytes) -> Chunk:
-    """One frame, checked for shape (not yet for the blob's hash: that needs every chunk)."""
+def parse_chunk(frame: bytes, max_size: int = MAX_BLOB_BYTES, max_chunks: int = MAX_CHUNKS) -> Chunk:
+    """One frame, checked for shape (not yet for the blob's hash: that needs every chunk). The
+    limits are those of blobs held in memory; a file written chunk by chunk (a bundle) has wider ones."""
     if len(frame) < len(MAGIC) + _LEN.size or not frame.startswith(MAGIC):
         raise WireError("bad_frame", "not an edge-agent chunk (bad magic)")
     (hlen,) = _LEN.unpack_from(frame, len(MAGIC))
@@ -146,7 +147,7 @@ def parse_chunk(frame: bytes) -> Chunk:
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in (i, n, size)):
         raise WireError("bad_frame", "chunk header: i, n and size must be integers")
     assert isinstance(i, int) and isinstance(n, int) and isinstance(size, int)
-    if not (0 < n <= MAX_CHUNKS and 0 <= i < n and 0 <= size <= MAX_BLOB_BYTES):
+    if not (0 < n <= max_chunks and 0 <= i < n and 0 <= size <= max_size):
         raise WireError("bad_frame", f"chunk header: chunk {i} of {n}, size {size} out of range")
     if not isinstance(digest, str) or len(digest) != 64:
         raise WireError("bad_frame", "chunk header: sha256 must be 64 hex digits")

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 
 from agent.adapters import AdapterError
+from agent.bundle import load_manifest
 from agent.learner import policy
 from agent.learner.round import RoundSpec, report_from_dict, run_round_process
 
@@ -44,6 +45,21 @@ CREATE TABLE IF NOT EXISTS learner_state (
     value TEXT NOT NULL
 );
 """
+
+
+@dataclass(frozen=True)
+class BundleRoundOutcome:
+    """What a round for a new base model found: its adapter passes the gate against the serving
+    bundle and adapter (``promote``), or why not."""
+
+    version: str
+    promote: bool
+    reasons: list[str]
+    candidate_dir: Path
+    metrics: dict[str, Any]
+    base_hash: str
+    max_sample_id: int
+    n_new: int
 
 
 @dataclass
@@ -97,6 +113,8 @@ class LearnerManager:
         # Called with each learner's pid right after it starts (its own cgroup: agent.ops.cgroup).
         self.on_spawn = on_spawn
         self._offer: tuple[Path, str, str] | None = None  # (dir, version, origin) to evaluate next
+        # A new base model waiting for its first adapter: (bundle dir, called with the outcome).
+        self._bundle_job: tuple[Path, Callable[[BundleRoundOutcome], None]] | None = None
         self._proc: Any = None
         self._spec: RoundSpec | None = None
         self._origin = "local"
@@ -216,6 +234,9 @@ class LearnerManager:
             self._start_round("offered", evaluate=self._offer)
             self._offer = None
             return
+        if self._bundle_job is not None:
+            self._start_round("new base model", bundle=self._bundle_job[0])
+            return
         if not self.settings.enabled and not self._manual:
             return
         self._check_rollback()
@@ -255,6 +276,86 @@ class LearnerManager:
             return False
         self._offer = (Path(adapter_dir), version, origin)
         return True
+
+    def train_for_bundle(self, bundle_dir: Path, on_done: Callable[[BundleRoundOutcome], None]) -> None:
+        """Train a first adapter for a new base model from every stored sample, at the next tick with
+        no round running, and judge it (on the new bundle) against the serving bundle and adapter
+        with the usual gate. ``on_done`` gets the outcome; nothing is promoted here: switching
+        the base is the caller's (``adopt_bundle``)."""
+        self._bundle_job = (Path(bundle_dir), on_done)
+
+    def adopt_bundle(self, bundle_dir: Path, outcome: BundleRoundOutcome) -> None:
+        """The box now serves ``bundle_dir`` with the outcome's adapter: register it as the active
+        version (its lineage starts here), train on this bundle from now on."""
+        now = time.time()
+        final_dir = self.adapters_dir / outcome.version
+        if outcome.candidate_dir != final_dir:
+            os.replace(outcome.candidate_dir, final_dir)
+        active = self.active_version()
+        with self._db() as con:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute(
+                "INSERT INTO adapter_versions(version, parent, path, status, reason, metrics, data_from_id, data_to_id,"
+                " n_new, n_replay, created_at, promoted_at, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    outcome.version,
+                    active,
+                    str(final_dir),
+                    "promoted",
+                    f"first adapter of base {outcome.base_hash[:12]}",
+                    json.dumps(outcome.metrics),
+                    0,
+                    outcome.max_sample_id,
+                    outcome.n_new,
+                    0,
+                    now,
+                    now,
+                    "bundle",
+                ),
+            )
+            if active is not None:
+                con.execute(
+                    "UPDATE adapter_versions SET status='retired' WHERE version=? AND status='promoted'",
+                    (active,),
+                )
+            self._set_state(con, "active", outcome.version)
+            self._set_state(con, "promoted_at", str(now))
+            self._set_state(con, "trained_through_id", str(max(self._since_id(), outcome.max_sample_id)))
+            con.execute("COMMIT")
+        self.bundle_dir = Path(bundle_dir)
+        log.info("adapter %s promoted with the new base %s", outcome.version, bundle_dir)
+
+    def adopt_base_only(self, bundle_dir: Path) -> None:
+        """The box serves ``bundle_dir`` without an adapter (``sync.bundle_policy`` switch_now)."""
+        with self._db() as con:
+            con.execute("BEGIN IMMEDIATE")
+            active = self.active_version()
+            if active is not None:
+                con.execute("UPDATE adapter_versions SET status='retired' WHERE version=?", (active,))
+            con.execute("DELETE FROM learner_state WHERE key='active'")
+            con.execute("COMMIT")
+        self.bundle_dir = Path(bundle_dir)
+
+    def rollback_bundle(self, bundle_dir: Path, version: str | None) -> None:
+        """Back on an earlier base with the adapter it served (``cmd`` ``rollback_model``)."""
+        current = self.active_version()
+        with self._db() as con:
+            con.execute("BEGIN IMMEDIATE")
+            if current is not None:
+                con.execute(
+                    "UPDATE adapter_versions SET status='rolled_back', reason='model rolled back' WHERE version=?",
+                    (current,),
+                )
+            if version is None:
+                con.execute("DELETE FROM learner_state WHERE key='active'")
+            else:
+                con.execute("UPDATE adapter_versions SET status='promoted' WHERE version=?", (version,))
+                self._set_state(con, "active", version)
+            self._set_state(con, "promoted_at", str(time.time()))
+            con.execute("COMMIT")
+        self.bundle_dir = Path(bundle_dir)
+        self.counters["rollbacks"] += 1
+        self.publish("rollback", {"from": current, "to": version or "base", "reason": "model rolled back"})
 
     def cancel(self) -> dict[str, Any]:
         if self._proc is None:
@@ -445,11 +546,15 @@ class LearnerManager:
         else:
             self._pause_file.unlink(missing_ok=True)
 
-    def _start_round(self, reason: str, evaluate: tuple[Path, str, str] | None = None) -> None:
-        """A training round, or with ``evaluate`` = (dir, version, origin) an evaluation-only one."""
+    def _start_round(
+        self, reason: str, evaluate: tuple[Path, str, str] | None = None, bundle: Path | None = None
+    ) -> None:
+        """A training round; with ``evaluate`` = (dir, version, origin) an evaluation-only one; with
+        ``bundle`` a first adapter for that new base, judged against the serving bundle and adapter."""
         active = self.active_version()
         version = evaluate[1] if evaluate else f"v{int(time.time())}-{self.counters['rounds'] + 1}"
-        origin = evaluate[2] if evaluate else "local"
+        origin = evaluate[2] if evaluate else ("bundle" if bundle is not None else "local")
+        active_dir = str(self.adapters_dir / active) if active else None
         s = self.settings
         anchor = self.anchor_dir()
         out_dir = self.work_dir / f"candidate-{version}"
@@ -458,16 +563,17 @@ class LearnerManager:
             shutil.copytree(evaluate[0], out_dir)
         spec = RoundSpec(
             db_path=str(self.db_path),
-            bundle_dir=str(self.bundle_dir),
+            bundle_dir=str(bundle or self.bundle_dir),
             out_dir=str(out_dir),
             result_path=str(self.work_dir / f"result-{version}.json"),
             version=version,
-            parent_dir=str(self.adapters_dir / active) if active else None,
-            anchor_dir=str(anchor) if anchor else None,
+            # A new base starts LoRA afresh (adapters of the old base do not fit it) on all data.
+            parent_dir=None if bundle is not None else active_dir,
+            anchor_dir=str(anchor) if anchor and bundle is None else None,
             precision=self.engine.precision if self.engine.precision in ("fp32", "int8") else "fp32",
             max_train_samples=s.max_train_samples,
             replay_fraction=s.replay_fraction,
-            since_sample_id=self._active_data_through_id(),
+            since_sample_id=0 if bundle is not None else self._active_data_through_id(),
             epochs=s.epochs,
             lr=s.lr,
             batch_size=s.batch_size,
@@ -479,6 +585,8 @@ class LearnerManager:
             cancel_file=str(self._cancel_file),
             frozen_a_seed=self.frozen_a_seed(),
             evaluate_only=evaluate is not None,
+            active_bundle_dir=str(self.bundle_dir) if bundle is not None else None,
+            active_dir=active_dir if bundle is not None else None,
         )
         self._cancel_file.unlink(missing_ok=True)
         proc = mp.get_context("spawn").Process(
@@ -524,6 +632,21 @@ class LearnerManager:
             key = {"cancelled": "cancelled", "no_data": "cancelled"}.get(status, "failed")
             self.counters[key] += 1
             shutil.rmtree(candidate_dir, ignore_errors=True)
+            if self._origin == "bundle" and self._bundle_job is not None:
+                _, on_done = self._bundle_job
+                self._bundle_job = None
+                on_done(
+                    BundleRoundOutcome(
+                        spec.version,
+                        False,
+                        [f"round {status}: {result.get('message', '')}"],
+                        candidate_dir,
+                        {},
+                        "",
+                        0,
+                        0,
+                    )
+                )
             log.warning("learner round %s: %s %s", spec.version, status, result.get("message", ""))
             self.publish(
                 "round_finished",
@@ -541,6 +664,36 @@ class LearnerManager:
             "seconds": result.get("seconds"),
             "peak_rss_mb": result.get("peak_rss_mb"),
         }
+        if self._origin == "bundle" and self._bundle_job is not None:
+            _, on_done = self._bundle_job
+            self._bundle_job = None
+            outcome = BundleRoundOutcome(
+                version=spec.version,
+                promote=decision.promote,
+                reasons=decision.reasons,
+                candidate_dir=candidate_dir,
+                metrics=metrics,
+                base_hash=load_manifest(Path(spec.bundle_dir)).base_hash,
+                max_sample_id=int(result.get("max_sample_id") or 0),
+                n_new=int(result.get("n_new") or 0),
+            )
+            log.info(
+                "first adapter %s for the new base: %s %s",
+                spec.version,
+                "passes" if decision.promote else "refused",
+                "; ".join(decision.reasons),
+            )
+            on_done(outcome)
+            self.publish(
+                "round_finished",
+                {
+                    "version": spec.version,
+                    "origin": "bundle",
+                    "status": "promoted" if decision.promote else "rejected",
+                    "reasons": decision.reasons,
+                },
+            )
+            return
         decision = self._register(spec, result, decision, metrics, candidate_dir)
         self.publish(
             "round_finished",

@@ -58,6 +58,10 @@ class RoundSpec:
     # A candidate that was not trained here (the fleet's global adapter, already in out_dir): the
     # round only evaluates it, beside the active adapter, for the same gate.
     evaluate_only: bool = False
+    # A round for a new base model: trains on bundle_dir, but the adapter it must beat serves on
+    # another bundle (the one the box serves now): active_dir on active_bundle_dir.
+    active_bundle_dir: str | None = None
+    active_dir: str | None = None
 
 
 @dataclass
@@ -232,9 +236,13 @@ def _evaluate(spec: RoundSpec, labels: list[str], result: RoundResult) -> None:
         k: asdict(v)
         for k, v in evaluate_adapter(spec.bundle_dir, spec.out_dir, spec.precision, slices).items()
     }
+    active_bundle, active = (
+        (spec.active_bundle_dir, spec.active_dir)
+        if spec.active_bundle_dir
+        else (spec.bundle_dir, spec.parent_dir)
+    )
     result.active = {
-        k: asdict(v)
-        for k, v in evaluate_adapter(spec.bundle_dir, spec.parent_dir, spec.precision, slices).items()
+        k: asdict(v) for k, v in evaluate_adapter(active_bundle, active, spec.precision, slices).items()
     }
     log.info(
         "round %s: evaluated on %d holdout rows; peak RSS %.0f MB",

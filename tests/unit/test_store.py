@@ -69,6 +69,7 @@ def test_open_migrates_once_and_uses_wal(tmp_path):
         "m001_initial",
         "m002_outbox_for_uploads",
         "m003_prediction_latency",
+        "m004_bundle_chunks",
     ]
     s2.close()
 
