@@ -139,7 +139,7 @@ def box_topics(site: str, device: str, fleet: str) -> tuple[list[str], list[str]
     t = Topics(site, device)
     f = FleetTopics(fleet)
     reads = [*t.inbound(), t.topic(RESUME_MARKER_SUFFIX), SYS_DROPPED_TOPIC, f.round, f.global_manifest]
-    reads += [f.global_chunk(0), f.global_chunk(17), f.result(device)]
+    reads += [f.global_chunk(0), f.global_chunk(17), f.result(device), f.bundle, f.bundle_data(device)]
     writes = [
         t.infer_res,
         t.predictions,
@@ -155,6 +155,8 @@ def box_topics(site: str, device: str, fleet: str) -> tuple[list[str], list[str]
         t.topic("infer/res/my-requester"),  # a response topic inside the namespace
         t.topic(RESUME_MARKER_SUFFIX),
         f.upload(device),
+        f.bundle_request(device),
+        f.bundle_report(device),
     ]
     return reads, writes
 
@@ -181,18 +183,37 @@ def test_the_acl_grants_a_box_nothing_of_another_box():
         f.global_chunk(0),
         f.worker_status("hq-1"),
         f.upload("line3-box2"),
+        f.bundle,
+        f.bundle_data("line3-box2"),
     ):
         assert not allowed("line3-box1", topic, "write"), topic
     assert not allowed("line3-box1", f.upload("line3-box2"), "read")
+    assert not allowed("line3-box1", f.bundle_data("line3-box2"), "read")
+    assert not allowed("line3-box1", f.bundle_request("line3-box2"), "write")
 
 
 def test_the_acl_grants_the_aggregator_what_it_uses():
     f = FleetTopics("plant-fleet")
     status = f.worker_status("hq-1")
     marker = f"{status.rpartition('/')[0]}/{RESUME_MARKER_SUFFIX}"  # MqttClient's marker beside the will
-    for topic in (f.upload("line3-box1"), marker, SYS_DROPPED_TOPIC):
+    for topic in (
+        f.upload("line3-box1"),
+        marker,
+        SYS_DROPPED_TOPIC,
+        f.bundle_request("b"),
+        f.bundle_report("b"),
+    ):
         assert allowed("aggregator", topic, "read"), topic
-    for topic in (f.round, f.global_manifest, f.global_chunk(3), f.result("line3-box1"), status, marker):
+    for topic in (
+        f.round,
+        f.global_manifest,
+        f.global_chunk(3),
+        f.result("line3-box1"),
+        status,
+        marker,
+        f.bundle,
+        f.bundle_data("b"),
+    ):
         assert allowed("aggregator", topic, "write"), topic
     assert not allowed("aggregator", "edge/plant-a/line3-box1/config", "write")
 
