@@ -367,7 +367,8 @@ class BundleUpdater:
             return
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        self.store.db.conn.execute("DELETE FROM bundle_chunks WHERE bundle_hash = ?", (r.bundle_hash,))
+        with self.store.db.atomic() as db:
+            db.execute("DELETE FROM bundle_chunks WHERE bundle_hash = ?", (r.bundle_hash,))
         self._report(r, "verified")
         self._state = "trying"
         texts = self.store.recent_holdout_texts(256)

@@ -56,7 +56,7 @@ def cmd_model_publish(args: argparse.Namespace) -> int:
             canary=[d for d in (args.canary or "").split(",") if d],
             percent=args.percent,
             min_agent_version=args.min_agent_version or __version__,
-            chunk_bytes=config.chunk_bytes,
+            chunk_bytes=args.chunk_bytes or config.chunk_bytes,
         )
     finally:
         store.close()
@@ -76,6 +76,9 @@ def add_model_publish(model_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--canary", help="comma list of devices that take it first")
     p.add_argument("--percent", type=float, default=0.0, help="share of the fleet that takes it first")
     p.add_argument("--min-agent-version", help="lowest agent version that can serve it (default: this one)")
+    p.add_argument(
+        "--chunk-bytes", type=int, help="chunk size of the transfer (default: hq.toml's chunk_bytes)"
+    )
     p.set_defaults(func=cmd_model_publish)
 
 

@@ -1,0 +1,165 @@
+"""A new base model rolled out over MQTT, on a real mosquitto with an aggregator process and boxes on
+tiny models: published at headquarters, fetched in chunks, verified, tried, switched under load
+(canary first, then the rest), rolled back; and every way a release can go wrong refused while
+the old bundle serves on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from agent.fed.signing import generate_keys
+from agent.fed.topics import FleetTopics
+from tests.integration.conftest import ROOT, InProcessAgent, Peer, query, wait_until, write_agent_config
+from tests.integration.fleet import FLEET, fleet_section, write_hq_config
+from tests.tiny import keyword_samples
+
+T = FleetTopics(FLEET)
+SITE = "plant-t"
+LEARNING = {
+    "enabled": True,
+    "min_new_samples": 100000,  # no local rounds: only the new base's first adapter trains
+    "epochs": 6,
+    "learning_rate": 5e-3,
+    "max_cpu_percent": 100,
+    "min_free_memory_mb": 0,
+    "max_inference_p99_ms": 100000,
+}
+SYNC = {"enabled": True, "bundle_policy": "train_first"}
+
+
+def topic(device: str, suffix: str) -> str:
+    return f"edge/{SITE}/{device}/{suffix}"
+
+
+def publish(hq_conf, bundle, *extra: str) -> str:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "model",
+            "publish",
+            str(bundle),
+            "--config",
+            str(hq_conf),
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+class Asker:
+    """Keeps asking a box while it switches; every answer must be a prediction."""
+
+    def __init__(self, peer: Peer, device: str):
+        self.peer, self.device = peer, device
+        self.sent = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.peer.client.publish(
+                topic(self.device, "infer/req"),
+                f'{{"id": "a{self.sent}", "text": "fuse blown line {self.sent % 5}"}}',
+                qos=1,
+            )
+            self.sent += 1
+            time.sleep(0.05)
+
+    def finish(self) -> tuple[int, list[dict]]:
+        self.stop.set()
+        self.thread.join(5)
+        wait_until(lambda: len(self.answers()) >= self.sent, timeout=30, what=f"{self.sent} answers")
+        return self.sent, [a for a in self.answers() if "error" in a]
+
+    def answers(self) -> list[dict]:
+        return [
+            r.json
+            for r in list(self.peer.received)
+            if r.topic == topic(self.device, "infer/res") and r.json["id"].startswith("a")
+        ]
+
+
+@pytest.fixture
+def fleet(broker, tiny_bundle, tmp_path, spawn_agent):
+    private, public = generate_keys(tmp_path / "keys")
+    hq_conf = write_hq_config(
+        tmp_path / "hq.toml", broker, tiny_bundle, tmp_path / "hq", private, min_uploads=99
+    )
+    hq = spawn_agent(hq_conf, command=("aggregator", "run")).wait_ready()
+    peer = Peer(broker).subscribe(f"edge/{SITE}/#", "fed/#")
+    boxes = {}
+    for i, device in enumerate(("box-1", "box-2")):
+        config = write_agent_config(
+            tmp_path / f"{device}.toml",
+            broker,
+            tiny_bundle,
+            tmp_path / device,
+            extra=fleet_section(public),
+            device=device,
+        )
+        box = boxes[device] = InProcessAgent(config).wait_connected()
+        peer.publish(topic(device, "config"), {"version": 1, "learning": LEARNING, "sync": SYNC}, retain=True)
+        peer.expect(topic(device, "config/state"), lambda m: m["version"] == 1 and m["status"] == "accepted")
+        for j, (text, label) in enumerate(keyword_samples(300, seed=40 + i)):
+            peer.publish(topic(device, "samples"), {"id": f"{device}-{j}", "text": text, "label": label})
+        wait_until(
+            lambda b=box: query(b.app.boot.db_path, "SELECT count(*) FROM samples")[0][0] == 300,
+            what="samples",
+        )
+    yield {"hq": hq, "hq_conf": hq_conf, "boxes": boxes, "peer": peer, "tmp": tmp_path, "public": public}
+    for box in boxes.values():
+        if not box.app.stop_event.is_set():
+            box.stop()
+    peer.close()
+
+
+def test_a_release_goes_to_the_canary_then_to_all_switches_under_load_and_rolls_back(
+    fleet, tiny_bundle, tiny_bundles
+):
+    peer, boxes = fleet["peer"], fleet["boxes"]
+    new = tiny_bundles(1)
+    old_base = boxes["box-1"].app.engine.manifest.base_hash
+    askers = {d: Asker(peer, d) for d in boxes}
+    out = publish(fleet["hq_conf"], new, "--canary", "box-1")
+    assert "release 1" in out and "stage canary" in out
+
+    # The canary first: fetched in chunks, verified, tried, a first adapter trained, switched.
+    for event in ("bundle_downloading", "bundle_verified", "bundle_trial"):
+        peer.expect(topic("box-1", "sync"), lambda m, e=event: m["event"] == e, timeout=120)
+    peer.expect(topic("box-1", "sync"), lambda m: m["event"] == "bundle_switched", timeout=240)
+    one = boxes["box-1"].app
+    assert one.engine.manifest.base_hash != old_base and one.engine.bundle_dir.name != tiny_bundle.name
+    adapter = one.engine.adapter_version
+    assert adapter is not None and one.learner.version_info(adapter)["origin"] == "bundle"
+    # box-2 waited for the canary; now headquarters rolls it out to all and box-2 follows.
+    assert not [
+        r for r in peer.received if r.topic == topic("box-2", "sync") and r.json["event"] == "bundle_switched"
+    ]
+    manifest = peer.expect(T.bundle, lambda m: m["rollout"]["stage"] == "all", timeout=30).json
+    assert manifest["release"] == 1
+    peer.expect(topic("box-2", "sync"), lambda m: m["event"] == "bundle_switched", timeout=240)
+    assert boxes["box-2"].app.engine.manifest.base_hash == one.engine.manifest.base_hash
+    for device, asker in askers.items():
+        sent, failed = asker.finish()
+        assert sent > 50 and failed == [], (device, failed[:3])
+
+    # Back to the old base and the adapter it served (none).
+    peer.publish(topic("box-1", "cmd"), {"id": "rb", "cmd": "rollback_model"})
+    res = peer.expect(topic("box-1", "cmd/res"), lambda m: m["id"] == "rb").json
+    assert res["ok"], res
+    assert one.engine.manifest.base_hash == old_base and one.engine.adapter_version is None
+    peer.publish(topic("box-1", "infer/req"), {"id": "after-rb", "text": "fuse blown"})
+    assert "predictions" in peer.expect(topic("box-1", "infer/res"), lambda m: m["id"] == "after-rb").json
