@@ -27,3 +27,16 @@ def test_fp16_cuda_matches_fp32_cpu_with_adapter(tiny_bundle, random_adapter):
         assert [p.adapter_version for p in gpu.predict(texts)] == ["a1"] * 3
     assert np.abs(out - ref).max() < 2e-2
     assert (out.argmax(1) == ref.argmax(1)).all()
+
+
+def test_cuda_serves_the_lora_path_and_ignores_background_load(tiny_bundle, random_adapter):
+    """Merged sessions are built for CPU only; on CUDA the adapter stays on the LoRA inputs and a
+    learner round does not make the engine build a lean CPU copy."""
+    with InferenceEngine.open(tiny_bundle, EngineConfig(provider="cuda"), adapter_dir=random_adapter) as gpu:
+        assert gpu.wait_merged(30)["state"] == "disabled"
+        assert gpu.serving_path == "lora"
+        gpu.set_background_load(True)
+        assert [p.adapter_version for p in gpu.predict(["hydraulic pressure low"])] == ["a1"]
+        stats = gpu.stats()
+        assert stats["lean_sessions_alive"] == 0 and stats["provider"] == "CUDAExecutionProvider"
+        gpu.set_background_load(False)

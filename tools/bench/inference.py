@@ -771,10 +771,14 @@ def _report(result: dict[str, Any], spreads: dict[str, dict[str, float]]) -> str
     ]
     if result.get("profile"):
         pr = result["profile"]
-        tops = ", ".join(f"{t['op']} {t['share']:.0%}" for t in pr["top_ops"][:6])
-        lines.append(
-            f"ORT profile {pr['precision']} 32x128 ({pr['kernel_ms_per_run']:.0f} ms of kernels/run): {tops}"
-        )
+        for shape in ("b32s128", "stream_b96s20"):
+            sp = pr[shape]
+            tops = ", ".join(f"{t['op']} {t['share']:.0%}" for t in sp["top_ops"][:6])
+            lines.append(
+                f"ORT profile {pr['precision']} {pr['model']} {shape} ({sp['kernel_ms_per_run']:.1f} ms of kernels/run,"
+                f" projections {common.fmt_num(sp['projection_gflops'], 0)} GFLOP/s, whole run"
+                f" {common.fmt_num(sp['run_gflops'], 0)} GFLOP/s): {tops}"
+            )
     lines += ["", "targets:"]
     lines.append(common.targets_table(result["targets"]))
     return "\n".join(lines)
@@ -950,9 +954,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile is not None:
         plan = replace(plan, profile=args.profile)
     result, spreads = run(args.bundle, plan, args.seed)
-    print(_report(result, spreads), flush=True)
-    if args.json:
-        common.print_json_line(result)
+    try:
+        print(_report(result, spreads), flush=True)
+    finally:  # a report bug must not lose a 20-minute run's figures
+        if args.json:
+            common.print_json_line(result)
     return 0
 
 

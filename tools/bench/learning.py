@@ -889,6 +889,7 @@ def measure_round_under_load(
     work: Path,
     seed: int,
     engine_threads: int | None = None,
+    yield_cores: bool = True,
 ) -> dict[str, Any]:
     from agent.engine import EngineConfig, InferenceEngine
     from agent.learner.manager import LearnerSettings
@@ -957,7 +958,8 @@ def measure_round_under_load(
         target=run_round_process, args=(json.dumps(asdict(spec)),), name="learner-bench", daemon=True
     )
     proc.start()
-    engine.set_background_load(True)  # LearnerManager._start_round
+    if yield_cores:
+        engine.set_background_load(True)  # LearnerManager._start_round
     paused_ticks = 0
     threads_seen: set[int] = set()
     while proc.is_alive():
@@ -969,7 +971,8 @@ def measure_round_under_load(
             pause.unlink(missing_ok=True)
         threads_seen.add(int(engine.stats()["intra_op_threads"]))
         proc.join(1.0)
-    engine.set_background_load(False)  # LearnerManager._finish_round
+    if yield_cores:
+        engine.set_background_load(False)  # LearnerManager._finish_round
     c1 = time.perf_counter()
     pause.unlink(missing_ok=True)
     time.sleep(plan.latency_idle_s)
@@ -982,6 +985,7 @@ def measure_round_under_load(
         "intra_op_threads_idle": idle_stats["intra_op_threads"],
         "intra_op_threads_during_round": sorted(threads_seen),
         "intra_op_threads_after": engine.stats()["intra_op_threads"],
+        "yields_cores_during_round": yield_cores,
     }
     engine.close()
     idle = client.window(a0, c0) + client.window(c1, b1)
@@ -1363,7 +1367,12 @@ def run(
 
 
 def run_latency_only(
-    bundle: Path, plan: Plan, split: Split, seed: int = 0, engine_threads: int | None = None
+    bundle: Path,
+    plan: Plan,
+    split: Split,
+    seed: int = 0,
+    engine_threads: int | None = None,
+    yield_cores: bool = True,
 ) -> dict[str, Any]:
     """``measure_round_under_load`` alone, beside a base adapter trained for one epoch."""
     common.limit_threads(THREADS)
@@ -1383,7 +1392,7 @@ def run_latency_only(
             seed,
         )
         resources = measure_round_under_load(
-            bundle, labels, split, plan, None, base_dir, work, seed, engine_threads
+            bundle, labels, split, plan, None, base_dir, work, seed, engine_threads, yield_cores
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -1461,6 +1470,11 @@ def _parser() -> argparse.ArgumentParser:
         help="only the inference latency beside a learner round (infer_p99_ratio_training), a few minutes",
     )
     p.add_argument(
+        "--no-yield",
+        action="store_true",
+        help="control run: the engine is not told that a round runs (keeps its full intra-op threads)",
+    )
+    p.add_argument(
         "--extra-seeds",
         type=int,
         default=None,
@@ -1498,7 +1512,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = 0 if args.dataset is not None else extra
     seeds = [args.seed + 1 + i for i in range(extra)]
     if args.only_latency:
-        result = run_latency_only(args.bundle, plan, split, args.seed, args.engine_threads)
+        result = run_latency_only(args.bundle, plan, split, args.seed, args.engine_threads, not args.no_yield)
         print(latency_report(result), flush=True)
         if args.json:
             common.print_json_line(result)
