@@ -135,6 +135,7 @@ class BundleUpdater:
         # sha256 never matches) is given up after these many failures: tampered or truncated at
         # the source, it would never complete.
         self._failures = 0
+        self._last_bad = ""
         saved = store.sync_state("bundle.work")
         if saved:
             try:
@@ -226,10 +227,10 @@ class BundleUpdater:
             or c.sha256 != spec.sha256
             or c.count != _chunks(spec, r.chunk_bytes)
         ):
-            self._refuse(r, "bad_chunk", f"chunk of {path} disagrees with the signed release")
+            self._bad_chunk(f"chunk of {path} disagrees with the signed release")
             return
         if len(c.data) != min(r.chunk_bytes, spec.size - c.index * r.chunk_bytes):
-            self._refuse(r, "bad_chunk", f"chunk {c.index} of {path}: {len(c.data)} bytes")
+            self._bad_chunk(f"chunk {c.index} of {path}: {len(c.data)} bytes")
             return
         with self._lock:
             fd = self._open_files.get(path)
@@ -248,6 +249,10 @@ class BundleUpdater:
         if r is None or not self.live().sync.enabled:
             return
         if self._state == "fetching":
+            if self._failures >= MAX_FAILURES:
+                # Given up here, on the control thread, not in the MQTT callback that counted them.
+                self._fail(r, "bad_transfer", self._last_bad or "too many bad chunks")
+                return
             self._flush()
             self._verify_complete_files(r)
             if len(self._done_files) == len(r.files):
@@ -346,6 +351,14 @@ class BundleUpdater:
                     f.path,
                 )
                 self.counters.inc("bundle_refused", "file_hash")
+                self._failures += MAX_FAILURES // 3
+                if self._failures >= MAX_FAILURES:
+                    self._fail(
+                        r,
+                        "file_hash",
+                        f"{f.path}: its bytes never match the signed sha256 (tampered at the source?)",
+                    )
+                    return
                 with self.store.db.atomic() as db:
                     db.execute(
                         "DELETE FROM bundle_chunks WHERE bundle_hash = ? AND path = ?",
@@ -475,12 +488,13 @@ class BundleUpdater:
         self.event("bundle_rolled_back", to=str(prev_dir), adapter=adapter)
         return {"ok": True, "bundle": str(prev_dir), "adapter": adapter}
 
-    def _bad_transfer(self, r: BundleRelease, why: str) -> None:
+    def _bad_chunk(self, why: str) -> None:
+        """A chunk that cannot be part of the signed file: counted, dropped and asked for again;
+        after MAX_FAILURES the control thread gives the release up (tick)."""
         self._failures += 1
+        self._last_bad = why
         self.counters.inc("bundle_refused", "bad_chunk")
         self._throttle.log(log, logging.WARNING, "bundle:bad_chunk", "bundle: %s", why)
-        if self._failures >= MAX_FAILURES:
-            self._fail(r, "bad_transfer", why)
 
     # ---- endings ---------------------------------------------------------------------------------
     def _abandon(self, why: str) -> None:
