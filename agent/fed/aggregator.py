@@ -76,9 +76,12 @@ class Aggregator:
         self.config = config
         self.worker = config.worker
         self.topics = FleetTopics(config.fleet)
-        self.spec = AdapterSpec.from_manifest(load_manifest(config.bundle))
         self.key = load_private_key(config.signing_key_path())
         self.store = HqStore(config.db_path)
+        # The base the fleet federates on: hq.toml's bundle until a release reaches every box
+        # (its rollout stage "all"); then that release's (follow_rollout).
+        self.spec = AdapterSpec.from_manifest(load_manifest(config.bundle))
+        self.base_release = 0
         self.counters = Counters()
         self.stop_event = threading.Event()
         self.leader = False
@@ -207,6 +210,8 @@ class Aggregator:
                 meta.upload_id, "bad_hash", "the joined chunks do not match the upload's sha256"
             )
         open_round = self.store.open_round()
+        if open_round is not None and open_round.base_hash != self.spec.base_hash:
+            open_round = None  # on the old base, about to be abandoned: this one waits for the next
         round_id = open_round.id if open_round else self.store.last_round_id() + 1
         strategy = open_round.strategy if open_round else self.config.rounds.strategy
         if meta.base_hash != self.spec.base_hash:
@@ -292,6 +297,7 @@ class Aggregator:
                 last_status = time.monotonic()
                 self._publish_status("online")
             try:
+                self.follow_rollout()
                 was = self.leader
                 self.leader = self.store.take_lease(LEASE, self.worker, LEASE_TTL_S)
                 if self.leader and not was:
@@ -309,6 +315,12 @@ class Aggregator:
         for round_id, manifest, blob in self.store.unpublished_globals():
             self._publish_global(round_id, manifest, blob)
         r = self.store.open_round()
+        if r is not None and r.base_hash != self.spec.base_hash:
+            # Its uploads were trained on a base the fleet has left: no global of theirs would serve.
+            why = f"the fleet moved to base {self.spec.base_hash[:12]} (release {self.base_release})"
+            self.store.abandon_round(r.id, why)
+            log.warning("round %d abandoned: %s", r.id, why)
+            r = None
         if r is None:
             r = self._open_round(now)
         if self._announced != r.id:
@@ -321,6 +333,30 @@ class Aggregator:
             self.store.extend_round(r.id, now + self.config.rounds.duration_s)
             log.info("round %d: no upload by its deadline; extended", r.id)
             self._announced = None
+
+    def follow_rollout(self) -> None:
+        """Federate on the newest release rolled out to all: every worker checks (it validates
+        uploads against the spec), the leader abandons a round still open on the old base."""
+        found = self.store.fleet_release()
+        if found is None or found[0] == self.base_release:
+            return
+        release, bundle_dir = found
+        try:
+            spec = AdapterSpec.from_manifest(load_manifest(Path(bundle_dir)))
+        except Exception as e:  # noqa: BLE001 - a release whose copy is gone keeps the current base
+            log.error(
+                "release %d: its bundle at %s does not load (%s); the fleet stays on its base",
+                release,
+                bundle_dir,
+                e,
+            )
+            self.base_release = release
+            return
+        if spec.base_hash != self.spec.base_hash:
+            log.info(
+                "fleet %s federates on release %d (base %s)", self.config.fleet, release, spec.base_hash[:12]
+            )
+        self.spec, self.base_release, self._frozen_cache = spec, release, None
 
     def _seed(self) -> int:
         if self.config.rounds.lora_seed is not None:

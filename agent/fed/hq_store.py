@@ -216,6 +216,21 @@ class HqStore:
         with self.tx() as conn:
             conn.execute("UPDATE rounds SET deadline = ? WHERE id = ?", (deadline, round_id))
 
+    def abandon_round(self, round_id: int, why: str) -> None:
+        """Close a round without a global (its base is no longer the fleet's)."""
+        with self.tx() as conn:
+            conn.execute(
+                "UPDATE rounds SET status = 'abandoned', closed_at = ?, result = ? WHERE id = ? AND status = 'open'",
+                (time.time(), json.dumps({"abandoned": why}), round_id),
+            )
+
+    def fleet_release(self) -> tuple[int, str] | None:
+        """(release, directory) of the newest release rolled out to the whole fleet, if any."""
+        rows = self.read(
+            "SELECT release, dir FROM releases WHERE stage = 'all' ORDER BY release DESC LIMIT 1"
+        )
+        return (int(rows[0][0]), str(rows[0][1])) if rows else None
+
     def round_norms(self, round_id: int) -> list[tuple[str, str, float]]:
         """(upload id, device, update norm) of the round's accepted uploads: cheap, no tensors."""
         rows = self.read(

@@ -152,6 +152,9 @@ def test_a_release_goes_to_the_canary_then_to_all_switches_under_load_and_rolls_
     assert manifest["release"] == 1
     peer.expect(topic("box-2", "sync"), lambda m: m["event"] == "bundle_switched", timeout=240)
     assert boxes["box-2"].app.engine.manifest.base_hash == one.engine.manifest.base_hash
+    # The fleet federates on the new base from now on: the open round on the old one is abandoned.
+    new_base = one.engine.manifest.base_hash
+    assert peer.expect(T.round, lambda m: m["base_hash"] == new_base, timeout=30).json["round"] >= 2
     for device, asker in askers.items():
         sent, failed = asker.finish()
         assert sent > 50 and failed == [], (device, failed[:3])
