@@ -217,10 +217,10 @@ class HqStore:
             conn.execute("UPDATE rounds SET deadline = ? WHERE id = ?", (deadline, round_id))
 
     def abandon_round(self, round_id: int, why: str) -> None:
-        """Close a round without a global (its base is no longer the fleet's)."""
+        """Close a round without a global (its base is no longer the fleet's); ``result`` says why."""
         with self.tx() as conn:
             conn.execute(
-                "UPDATE rounds SET status = 'abandoned', closed_at = ?, result = ? WHERE id = ? AND status = 'open'",
+                "UPDATE rounds SET status = 'closed', closed_at = ?, result = ? WHERE id = ? AND status = 'open'",
                 (time.time(), json.dumps({"abandoned": why}), round_id),
             )
 
