@@ -1,4 +1,7 @@
 """Federation: aggregation strategies (pure numpy), the aggregator service and the box's sync client.
 
-``agent.fed.strategies`` imports no I/O, no torch and no MQTT: the aggregator and the box both use it.
+The aggregation modules import no I/O, no torch and no MQTT, so the aggregator and the box both use
+them; each imports only those before it: ``lora_tensors`` (keys, ΔW, frozen A, upload checks),
+``combines``, ``update_batch`` (validated batches, norms, clipping), ``low_rank`` (SVD), ``strategies``
+(the strategies and their registry), ``partial_sums``.
 """

@@ -36,7 +36,7 @@ import numpy as np
 from agent import clock, exit_codes
 from agent.bundle import load_manifest
 from agent.config import ConfigError
-from agent.fed import strategies
+from agent.fed import lora_tensors, partial_sums, strategies, update_batch
 from agent.fed.bundle_server import BundleServer
 from agent.fed.hq_config import HqConfig, load_hq_config
 from agent.fed.hq_store import HqStore, Round
@@ -236,11 +236,11 @@ class Aggregator:
         try:
             tensors = tensors_from_bytes(data)
             self.spec.check_tensors(tensors, self.spec.upload_keys(freezes_a))
-            full = strategies.with_frozen_a(tensors, self._frozen_a()) if freezes_a else tensors
-            norm = strategies.update_norm(full)
+            full = lora_tensors.with_frozen_a(tensors, self._frozen_a()) if freezes_a else tensors
+            norm = update_batch.update_norm(full)
         except (WireError, SpecError) as e:
             return self._refused(meta.upload_id, e.code, str(e))
-        except strategies.StrategyError as e:
+        except lora_tensors.StrategyError as e:
             return self._refused(meta.upload_id, "bad_tensors", str(e))
         limit = self.config.rounds.max_update_norm
         if limit is not None and not norm <= limit:
@@ -373,7 +373,7 @@ class Aggregator:
         seed = self._seed()
         if cached is None or cached[0] != seed:
             shapes = {k: self.spec.shapes[k] for k in self.spec.a_keys}
-            cached = (seed, strategies.frozen_lora_a_for(shapes, seed))
+            cached = (seed, lora_tensors.frozen_lora_a_for(shapes, seed))
             self._frozen_cache = cached
         return cached[1]
 
@@ -474,7 +474,7 @@ class Aggregator:
         participants: list[str] = []
         num_examples = 0
 
-        def updates(batch: list[dict[str, Any]]) -> list[strategies.ClientUpdate]:
+        def updates(batch: list[dict[str, Any]]) -> list[lora_tensors.ClientUpdate]:
             nonlocal num_examples
             out = []
             for row in batch:
@@ -483,7 +483,7 @@ class Aggregator:
                 participants.append(row["device"])
                 num_examples += int(row["num_examples"])
                 out.append(
-                    strategies.ClientUpdate(tensors_from_bytes(row["tensors"]), int(row["num_examples"]))
+                    lora_tensors.ClientUpdate(tensors_from_bytes(row["tensors"]), int(row["num_examples"]))
                 )
             return out
 
@@ -493,9 +493,9 @@ class Aggregator:
             for batch in self.store.iter_round_uploads(r.id):
                 ups = updates(batch)
                 if ups:
-                    parts.append(strategies.partial_sum(ups, r.strategy, frozen_a=frozen))
+                    parts.append(partial_sums.partial_sum(ups, r.strategy, frozen_a=frozen))
             return (
-                strategies.finalize(strategies.merge(*parts), r.strategy, rank=rank),
+                partial_sums.finalize(partial_sums.merge(*parts), r.strategy, rank=rank),
                 participants,
                 num_examples,
             )

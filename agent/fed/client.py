@@ -37,7 +37,7 @@ from safetensors.numpy import load_file
 from agent import clock
 from agent.adapters import META, WEIGHTS, AdapterMeta
 from agent.config import BootstrapConfig, RuntimeConfig
-from agent.fed import strategies
+from agent.fed import lora_tensors, strategies
 from agent.fed.protocol import (
     GlobalManifest,
     ProtocolError,
@@ -385,8 +385,8 @@ class SyncClient:
         spec = strategies.STRATEGIES[r.strategy]
         if spec.freezes_a:
             try:
-                strategies.with_frozen_a(tensors, strategies.frozen_lora_a_for(tensors, r.lora_seed or 0))
-            except strategies.StrategyError:
+                lora_tensors.with_frozen_a(tensors, lora_tensors.frozen_lora_a_for(tensors, r.lora_seed or 0))
+            except lora_tensors.StrategyError:
                 self._skip_once(
                     r,
                     f"adapter {version} was trained with its own A; the fleet freezes A (the next round trains so)",

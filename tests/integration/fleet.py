@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from agent.bundle import load_manifest
-from agent.fed import strategies
+from agent.fed import lora_tensors, strategies
 from agent.fed.protocol import UploadMeta
 from agent.fed.spec import AdapterSpec
 from agent.fed.wire import split_blob, tensors_to_bytes
@@ -65,7 +65,7 @@ def box_tensors(
     spec = AdapterSpec.from_manifest(load_manifest(bundle))
     rng = np.random.default_rng(seed)
     full = {k: (rng.normal(0, 0.05, shape) * scale).astype(np.float32) for k, shape in spec.shapes.items()}
-    full.update(strategies.frozen_lora_a_for({k: spec.shapes[k] for k in spec.a_keys}, SEED))
+    full.update(lora_tensors.frozen_lora_a_for({k: spec.shapes[k] for k in spec.a_keys}, SEED))
     return strategies.upload_tensors(full, strategy)
 
 

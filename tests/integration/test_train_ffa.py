@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from safetensors.numpy import load_file
 
-from agent.fed.strategies import frozen_lora_a
+from agent.fed.lora_tensors import frozen_lora_a
 from agent.learner.train import TrainConfig, train_adapter
 from tests.tiny import keyword_samples
 

@@ -187,7 +187,7 @@ def test_the_aggregators_defences_refuse_nan_and_leave_out_the_boosted_box():
 
 
 def test_exact_strategies_have_no_product_error_on_tiny_uploads():
-    from agent.fed import strategies
+    from agent.fed import update_batch
 
     f = _tiny_fleet()
     rng = np.random.default_rng(1)
@@ -201,7 +201,7 @@ def test_exact_strategies_have_no_product_error_on_tiny_uploads():
     ]
     got = f.receive(boxes, "ffa_lora", 1)
     agg = f.aggregate("ffa_lora", got["kept"])
-    assert strategies.exact_error(f.full(got["kept"], "ffa_lora"), agg) < 1e-6
+    assert update_batch.exact_error(f.full(got["kept"], "ffa_lora"), agg) < 1e-6
 
 
 def _fake_measurements(sites: list[Site]) -> dict:

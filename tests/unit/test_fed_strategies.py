@@ -10,7 +10,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 
 from agent.fed import strategies as st
-from agent.fed.strategies import A_SUFFIX, B_SUFFIX, ClientUpdate, StrategyError
+from agent.fed.combines import coordinate_median, trimmed_mean, weighted_mean
+from agent.fed.lora_tensors import (
+    A_SUFFIX,
+    B_SUFFIX,
+    ClientUpdate,
+    StrategyError,
+    check_update,
+    delta_w,
+    frozen_lora_a,
+    frozen_lora_a_for,
+    split_keys,
+    with_frozen_a,
+)
+from agent.fed.partial_sums import finalize, merge, partial_sum
+from agent.fed.update_batch import exact_error, update_norm, update_norms
 
 LAYER = "base_model.model.bert.encoder.layer.{i}.{module}"
 HEAD_W, HEAD_B = "base_model.model.classifier.weight", "base_model.model.classifier.bias"
@@ -52,7 +66,7 @@ def _updates(seed: int = 0, weights=WEIGHTS, rank: int = 3, frozen: dict | None 
 
 
 def _frozen(rank: int = 3, seed: int = 7) -> dict[str, np.ndarray]:
-    return st.frozen_lora_a_for(_shapes(rank), seed)
+    return frozen_lora_a_for(_shapes(rank), seed)
 
 
 def _w(updates: list[ClientUpdate]) -> np.ndarray:
@@ -67,19 +81,19 @@ def _mean_tensor(updates: list[ClientUpdate], key: str) -> np.ndarray:
 
 
 def _mean_delta(updates: list[ClientUpdate], prefix: str) -> np.ndarray:
-    stack = np.stack([st.delta_w(u.tensors)[prefix] for u in updates])
+    stack = np.stack([delta_w(u.tensors)[prefix] for u in updates])
     return np.average(stack, axis=0, weights=_w(updates))
 
 
 def _agg_delta(agg: dict[str, np.ndarray], prefix: str) -> np.ndarray:
-    return st.delta_w(agg)[prefix]
+    return delta_w(agg)[prefix]
 
 
 def _dense_norm(tensors, reference=None) -> float:
     """The update norm the slow way: form every ΔW."""
     total = 0.0
-    d, plain = st.delta_w(tensors), [k for k in tensors if k in (HEAD_W, HEAD_B)]
-    dr = st.delta_w(reference) if reference is not None else {}
+    d, plain = delta_w(tensors), [k for k in tensors if k in (HEAD_W, HEAD_B)]
+    dr = delta_w(reference) if reference is not None else {}
     for prefix, delta in d.items():
         total += float(np.sum((delta - dr.get(prefix, 0.0)) ** 2))
     for key in plain:
@@ -94,31 +108,29 @@ def _dense_norm(tensors, reference=None) -> float:
 
 def test_split_keys_pairs_plain_and_b_only():
     keys = list(_shapes())
-    split = st.split_keys(keys)
+    split = split_keys(keys)
     assert set(split.pairs) == set(PREFIXES)
     assert split.pairs[PREFIXES[0]] == (PREFIXES[0] + A_SUFFIX, PREFIXES[0] + B_SUFFIX)
     assert set(split.plain) == {HEAD_W, HEAD_B}
-    b_only = st.split_keys([k for k in keys if not k.endswith(A_SUFFIX)])
+    b_only = split_keys([k for k in keys if not k.endswith(A_SUFFIX)])
     assert set(b_only.pairs) == set(PREFIXES)  # an FFA upload: B without its A is a pair
     with pytest.raises(StrategyError, match="lora_A without its lora_B"):
-        st.split_keys([PREFIXES[0] + A_SUFFIX])
+        split_keys([PREFIXES[0] + A_SUFFIX])
 
 
 def test_update_norm_is_frobenius_norm_of_every_delta_w_and_plain_tensor():
     updates = _updates(1)
     ref = _adapter(np.random.default_rng(9))
     for u in updates:
-        assert st.update_norm(u.tensors) == pytest.approx(_dense_norm(u.tensors), rel=1e-5)
-        assert st.update_norm(u.tensors, reference=ref) == pytest.approx(
-            _dense_norm(u.tensors, ref), rel=1e-5
-        )
-    norms = st.update_norms(updates)
+        assert update_norm(u.tensors) == pytest.approx(_dense_norm(u.tensors), rel=1e-5)
+        assert update_norm(u.tensors, reference=ref) == pytest.approx(_dense_norm(u.tensors, ref), rel=1e-5)
+    norms = update_norms(updates)
     assert norms == pytest.approx([_dense_norm(u.tensors) for u in updates], rel=1e-5)
 
 
 def test_delta_w_is_b_times_a():
     t = _adapter(np.random.default_rng(2))
-    d = st.delta_w(t)
+    d = delta_w(t)
     p = PREFIXES[1]
     np.testing.assert_allclose(d[p], t[p + B_SUFFIX].astype(np.float64) @ t[p + A_SUFFIX], rtol=1e-12)
     assert d[p].shape == (INTER, HIDDEN)
@@ -130,11 +142,11 @@ def test_delta_w_is_b_times_a():
 
 def test_frozen_lora_a_is_deterministic_and_depends_on_key_and_seed():
     key = PREFIXES[0] + A_SUFFIX
-    a = st.frozen_lora_a(7, key, 8, 384)
+    a = frozen_lora_a(7, key, 8, 384)
     assert a.dtype == np.float32 and a.shape == (8, 384)
-    assert np.array_equal(a, st.frozen_lora_a(7, key, 8, 384))
-    assert not np.array_equal(a, st.frozen_lora_a(8, key, 8, 384))
-    assert not np.array_equal(a, st.frozen_lora_a(7, PREFIXES[1] + A_SUFFIX, 8, 384))
+    assert np.array_equal(a, frozen_lora_a(7, key, 8, 384))
+    assert not np.array_equal(a, frozen_lora_a(8, key, 8, 384))
+    assert not np.array_equal(a, frozen_lora_a(7, PREFIXES[1] + A_SUFFIX, 8, 384))
     bound = 1 / math.sqrt(384)  # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(n_in), 1/sqrt(n_in))
     assert np.abs(a).max() <= bound
     assert np.abs(a).max() > 0.95 * bound  # spread over the whole range, not a narrower one
@@ -149,12 +161,12 @@ def test_frozen_lora_a_is_default_rng_seeded_by_seed_and_sha256_of_the_key():
     digest = hashlib.sha256(b"edge-agent/ffa-lora/lora_A/v1\x00" + key.encode()).digest()
     rng = np.random.default_rng(np.random.SeedSequence([5, int.from_bytes(digest, "little")]))
     expected = ((2 * rng.random(3 * 10) - 1) / math.sqrt(10)).astype(np.float32).reshape(3, 10)
-    assert np.array_equal(st.frozen_lora_a(5, key, 3, 10), expected)
+    assert np.array_equal(frozen_lora_a(5, key, 3, 10), expected)
 
 
 def test_frozen_lora_a_golden_values():
     # Pinned: boxes and the aggregator must agree across releases; change the tag to change these.
-    a = st.frozen_lora_a(12345, "k", 1, 3)
+    a = frozen_lora_a(12345, "k", 1, 3)
     np.testing.assert_array_equal(
         a, np.array([[0.5221385359764099, 0.04641885682940483, 0.49151211977005005]], np.float32)
     )
@@ -162,15 +174,15 @@ def test_frozen_lora_a_golden_values():
 
 def test_frozen_lora_a_for_fills_every_a_from_arrays_or_shapes():
     shapes = _shapes(4)
-    frozen = st.frozen_lora_a_for(shapes, seed=3)
+    frozen = frozen_lora_a_for(shapes, seed=3)
     assert set(frozen) == {p + A_SUFFIX for p in PREFIXES}
     for key, a in frozen.items():
         assert a.shape == shapes[key]
-        assert np.array_equal(a, st.frozen_lora_a(3, key, *shapes[key]))
-    from_arrays = st.frozen_lora_a_for(_adapter(np.random.default_rng(0), 4), seed=3)
+        assert np.array_equal(a, frozen_lora_a(3, key, *shapes[key]))
+    from_arrays = frozen_lora_a_for(_adapter(np.random.default_rng(0), 4), seed=3)
     assert all(np.array_equal(from_arrays[k], frozen[k]) for k in frozen)
     with pytest.raises(StrategyError):
-        st.frozen_lora_a(-1, "k", 1, 3)
+        frozen_lora_a(-1, "k", 1, 3)
 
 
 def test_with_frozen_a_completes_b_only_uploads_and_refuses_another_a():
@@ -178,13 +190,13 @@ def test_with_frozen_a_completes_b_only_uploads_and_refuses_another_a():
     full = _adapter(np.random.default_rng(0), frozen=frozen)
     upload = st.upload_tensors(full, "ffa_lora")
     assert not any(k.endswith(A_SUFFIX) for k in upload) and len(upload) == len(full) - len(PREFIXES)
-    completed = st.with_frozen_a(upload, frozen)
+    completed = with_frozen_a(upload, frozen)
     assert completed.keys() == full.keys()
     bad = dict(full)
     key = PREFIXES[2] + A_SUFFIX
     bad[key] = np.nextafter(bad[key], np.float32(1))  # one ulp off: not the fleet's A
     with pytest.raises(StrategyError, match="frozen A"):
-        st.with_frozen_a(bad, frozen)
+        with_frozen_a(bad, frozen)
     assert st.upload_tensors(full, "product_svd").keys() == full.keys()
 
 
@@ -208,7 +220,7 @@ def test_fedavg_naive_is_not_the_mean_of_the_products():
         exact = _mean_delta(updates, prefix)
         gap = np.linalg.norm(_agg_delta(agg, prefix) - exact)
         assert gap > 0.3 * np.linalg.norm(exact)  # random A's: the product of means is far off
-    assert st.exact_error(updates, agg) > 0.5
+    assert exact_error(updates, agg) > 0.5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,7 +239,7 @@ def test_ffa_lora_is_exact_mean_of_products():
         )
     for key in (HEAD_W, HEAD_B):
         np.testing.assert_allclose(agg[key], _mean_tensor(updates, key), atol=1e-6)
-    assert st.exact_error(updates, agg) < 1e-6
+    assert exact_error(updates, agg) < 1e-6
 
 
 def test_ffa_lora_b_only_uploads_with_frozen_a_match_full_uploads():
@@ -313,7 +325,7 @@ def test_product_svd_truncation_is_the_best_rank_r_error(method):
         b, a = agg[prefix + B_SUFFIX].astype(np.float64), agg[prefix + A_SUFFIX].astype(np.float64)
         np.testing.assert_allclose(np.linalg.norm(b, axis=0) ** 2, s[:rank], rtol=1e-4)
         np.testing.assert_allclose(np.linalg.norm(a, axis=1) ** 2, s[:rank], rtol=1e-4)
-    err = st.exact_error(updates, agg)
+    err = exact_error(updates, agg)
     assert err > 1e-2  # truncation is real here, and exact_error reports it
 
 
@@ -372,7 +384,7 @@ def test_ffa_robust_variants_resist_one_hostile_box(name):
         st.aggregate(name, hostile, trim_fraction=0.2) if "trimmed" in name else st.aggregate(name, hostile)
     )
     for prefix in PREFIXES:
-        target = st.delta_w(center)[prefix]
+        target = delta_w(center)[prefix]
         scale = np.linalg.norm(target)
         assert np.linalg.norm(_agg_delta(plain, prefix) - target) > 5 * scale  # the mean is dragged away
         assert np.linalg.norm(_agg_delta(robust, prefix) - target) < 0.05 * scale
@@ -388,7 +400,7 @@ def test_product_robust_variants_resist_one_hostile_box(name):
         st.aggregate(name, hostile, trim_fraction=0.2) if "trimmed" in name else st.aggregate(name, hostile)
     )
     for prefix in PREFIXES:
-        target = st.delta_w(center)[prefix]
+        target = delta_w(center)[prefix]
         scale = np.linalg.norm(target)
         assert np.linalg.norm(_agg_delta(plain, prefix) - target) > 5 * scale
         assert np.linalg.norm(_agg_delta(robust, prefix) - target) < 0.1 * scale
@@ -402,21 +414,17 @@ def test_trimmed_mean_and_median_match_numpy_references_and_ignore_weights():
         weights /= weights.sum()
         cut = int(0.2 * k)
         expected = np.sort(stack.astype(np.float64), axis=0)[cut : k - cut].mean(axis=0)
-        np.testing.assert_allclose(st.trimmed_mean(0.2)(stack, weights), expected, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(st.coordinate_median(stack, weights), np.median(stack, axis=0), rtol=1e-6)
-        np.testing.assert_allclose(st.weighted_mean(stack, weights), weights @ stack, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(trimmed_mean(0.2)(stack, weights), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(coordinate_median(stack, weights), np.median(stack, axis=0), rtol=1e-6)
+        np.testing.assert_allclose(weighted_mean(stack, weights), weights @ stack, rtol=1e-5, atol=1e-6)
         skewed = np.full(k, 1e-6)
         skewed[0] = 1.0
-        np.testing.assert_array_equal(
-            st.trimmed_mean(0.2)(stack, skewed), st.trimmed_mean(0.2)(stack, weights)
-        )
+        np.testing.assert_array_equal(trimmed_mean(0.2)(stack, skewed), trimmed_mean(0.2)(stack, weights))
     big = rng.standard_normal((300, 9000)).astype(np.float32)  # the threaded path
     expected = np.sort(big, axis=0)[30:270].mean(axis=0, dtype=np.float64)
-    np.testing.assert_allclose(
-        st.trimmed_mean(0.1)(big, np.full(300, 1 / 300)), expected, rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(trimmed_mean(0.1)(big, np.full(300, 1 / 300)), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(StrategyError):
-        st.trimmed_mean(0.5)
+        trimmed_mean(0.5)
 
 
 def test_clip_norm_bounds_every_update_and_matches_manual_clipping():
@@ -424,15 +432,15 @@ def test_clip_norm_bounds_every_update_and_matches_manual_clipping():
     updates = _with_hostile(
         _updates(14, frozen=frozen), 1, keys=[p + B_SUFFIX for p in PREFIXES] + [HEAD_W, HEAD_B]
     )
-    norms = st.update_norms(updates)
+    norms = update_norms(updates)
     bound = float(np.median(norms))
     agg = st.ffa_lora(updates, clip_norm=bound)
-    assert st.update_norm(agg) <= bound * (1 + 1e-6)  # a mean of vectors inside the ball stays inside
+    assert update_norm(agg) <= bound * (1 + 1e-6)  # a mean of vectors inside the ball stays inside
     manual = []
     for u, n in zip(updates, norms, strict=True):
         s = min(1.0, bound / n)
         t = {k: (v if k.endswith(A_SUFFIX) else v * np.float32(s)) for k, v in u.tensors.items()}
-        assert st.update_norm(t) <= bound * (1 + 1e-6)
+        assert update_norm(t) <= bound * (1 + 1e-6)
         manual.append(ClientUpdate(t, u.num_examples))
     expected = st.ffa_lora(manual)
     for key in agg:
@@ -447,10 +455,10 @@ def test_clip_towards_a_reference_bounds_the_distance_from_it():
     frozen = _frozen()
     ref = _adapter(np.random.default_rng(20), frozen=frozen)
     updates = _updates(15, frozen=frozen)
-    dist = [st.update_norm(u.tensors, reference=ref) for u in updates]
+    dist = [update_norm(u.tensors, reference=ref) for u in updates]
     bound = 0.5 * min(dist)
     agg = st.ffa_lora(updates, clip_norm=bound, reference=ref)
-    assert st.update_norm(agg, reference=ref) <= bound * (1 + 1e-6)
+    assert update_norm(agg, reference=ref) <= bound * (1 + 1e-6)
     # Product: the clipped mean of ΔW stays within the bound of the reference's ΔW (rank 18 keeps
     # every component, so no truncation adds to the distance).
     pref = _adapter(np.random.default_rng(21))
@@ -462,7 +470,7 @@ def test_clip_towards_a_reference_bounds_the_distance_from_it():
 
 def test_product_svd_clipping_scales_each_delta_w():
     updates = _updates(17)
-    norms = st.update_norms(updates)
+    norms = update_norms(updates)
     bound = float(norms.min())
     agg = st.product_svd(updates, clip_norm=bound, rank=12)
     manual = [
@@ -478,7 +486,7 @@ def test_product_svd_clipping_scales_each_delta_w():
     expected = st.product_svd(manual, rank=12)
     for prefix in PREFIXES:
         np.testing.assert_allclose(_agg_delta(agg, prefix), _agg_delta(expected, prefix), atol=1e-5)
-    assert st.update_norm(agg) <= bound * (1 + 1e-5)
+    assert update_norm(agg) <= bound * (1 + 1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -487,7 +495,7 @@ def test_product_svd_clipping_scales_each_delta_w():
 
 def _assert_same_aggregate(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
-    da, db = st.delta_w(a), st.delta_w(b)
+    da, db = delta_w(a), delta_w(b)
     for prefix in da:
         np.testing.assert_allclose(da[prefix], db[prefix], atol=atol)
     for key in (HEAD_W, HEAD_B):
@@ -500,16 +508,16 @@ def test_merged_partial_sums_equal_the_strategy_over_all_updates(strategy):
     updates = _updates(18, weights=(3, 5, 7, 11, 2), frozen=frozen if strategy == "ffa_lora" else None)
     whole = st.aggregate(strategy, updates)
     parts = [
-        st.partial_sum(updates[:2], strategy),
-        st.partial_sum(updates[2:3], strategy),
-        st.partial_sum(updates[3:], strategy),
+        partial_sum(updates[:2], strategy),
+        partial_sum(updates[2:3], strategy),
+        partial_sum(updates[3:], strategy),
     ]
-    merged = st.merge(st.merge(parts[0], parts[1]), parts[2])
+    merged = merge(merge(parts[0], parts[1]), parts[2])
     assert merged.count == 5 and merged.total_weight == sum(u.num_examples for u in updates)
-    _assert_same_aggregate(st.finalize(merged), whole)
-    _assert_same_aggregate(st.finalize(st.merge(parts[2], st.merge(parts[1], parts[0])), strategy), whole)
+    _assert_same_aggregate(finalize(merged), whole)
+    _assert_same_aggregate(finalize(merge(parts[2], merge(parts[1], parts[0])), strategy), whole)
     if strategy != "product_svd":  # the weighted means themselves, tensor by tensor
-        fin = st.finalize(merged)
+        fin = finalize(merged)
         for key in fin:
             np.testing.assert_allclose(fin[key], whole[key], rtol=1e-5, atol=1e-6)
 
@@ -527,13 +535,13 @@ def test_partial_sums_are_associative_over_any_split_and_grouping(strategy, weig
     groups = [
         [u for u, g in zip(updates, labels, strict=True) if g == label] for label in sorted(set(labels))
     ]
-    parts = [st.partial_sum(g, strategy) for g in groups]
+    parts = [partial_sum(g, strategy) for g in groups]
     order = data.draw(hst.permutations(range(len(parts))))
     # Fold in a random order with random nesting: ((p1 + p3) + p0) + p2 ...
     acc = parts[order[0]]
     for i in order[1:]:
-        acc = st.merge(acc, parts[i]) if data.draw(hst.booleans()) else st.merge(parts[i], acc)
-    _assert_same_aggregate(st.finalize(acc), st.aggregate(strategy, updates), atol=1e-4)
+        acc = merge(acc, parts[i]) if data.draw(hst.booleans()) else merge(parts[i], acc)
+    _assert_same_aggregate(finalize(acc), st.aggregate(strategy, updates), atol=1e-4)
 
 
 def test_partial_sums_refuse_what_does_not_add_up():
@@ -541,28 +549,28 @@ def test_partial_sums_refuse_what_does_not_add_up():
     ffa_updates = _updates(20, frozen=frozen)
     for name in ("ffa_lora_median", "ffa_lora_trimmed_mean", "product_svd_median"):
         with pytest.raises(StrategyError, match="not associative"):
-            st.partial_sum(ffa_updates, name)
-    ffa_part = st.partial_sum(ffa_updates, "ffa_lora")
+            partial_sum(ffa_updates, name)
+    ffa_part = partial_sum(ffa_updates, "ffa_lora")
     with pytest.raises(StrategyError, match="is fedavg_naive"):
-        st.merge(ffa_part, st.partial_sum(_updates(21), "fedavg_naive"))
-    other_seed = st.partial_sum(_updates(22, frozen=_frozen(seed=8)), "ffa_lora")
+        merge(ffa_part, partial_sum(_updates(21), "fedavg_naive"))
+    other_seed = partial_sum(_updates(22, frozen=_frozen(seed=8)), "ffa_lora")
     with pytest.raises(StrategyError, match="frozen A differs"):
-        st.merge(ffa_part, other_seed)
+        merge(ffa_part, other_seed)
     with pytest.raises(StrategyError, match="not product_svd"):
-        st.finalize(ffa_part, "product_svd")
+        finalize(ffa_part, "product_svd")
     with pytest.raises(StrategyError):
-        st.merge()
+        merge()
 
 
 def test_partial_sums_with_a_fixed_clip_equal_the_clipped_strategy():
     frozen = _frozen()
     updates = _updates(23, frozen=frozen)
-    bound = float(np.median(st.update_norms(updates)))
-    merged = st.merge(
-        st.partial_sum(updates[:2], "ffa_lora", clip_norm=bound),
-        st.partial_sum(updates[2:], "ffa_lora", clip_norm=bound),
+    bound = float(np.median(update_norms(updates)))
+    merged = merge(
+        partial_sum(updates[:2], "ffa_lora", clip_norm=bound),
+        partial_sum(updates[2:], "ffa_lora", clip_norm=bound),
     )
-    fin, whole = st.finalize(merged), st.ffa_lora(updates, clip_norm=bound)
+    fin, whole = finalize(merged), st.ffa_lora(updates, clip_norm=bound)
     for key in fin:
         np.testing.assert_allclose(fin[key], whole[key], rtol=1e-5, atol=1e-6)
 
@@ -656,14 +664,14 @@ def test_check_update_accepts_a_good_upload_and_names_what_is_wrong():
     frozen = _frozen()
     t = st.upload_tensors(_adapter(np.random.default_rng(27), frozen=frozen), "ffa_lora")
     like = {k: v.shape for k, v in t.items()}
-    st.check_update(t, like)
+    check_update(t, like)
     bad = dict(t)
     bad[HEAD_B] = np.array([np.nan] * LABELS, np.float32)
     with pytest.raises(StrategyError, match=f"{HEAD_B}: non-finite"):
-        st.check_update(bad, like)
+        check_update(bad, like)
     with pytest.raises(StrategyError, match="shape"):
-        st.check_update({**t, HEAD_B: np.zeros(LABELS + 1, np.float32)}, like)
+        check_update({**t, HEAD_B: np.zeros(LABELS + 1, np.float32)}, like)
     with pytest.raises(StrategyError, match="missing"):
-        st.check_update({k: v for k, v in t.items() if k != HEAD_W}, like)
+        check_update({k: v for k, v in t.items() if k != HEAD_W}, like)
     with pytest.raises(StrategyError, match="float array"):
-        st.check_update({**t, HEAD_B: np.zeros(LABELS, np.int64)}, like)
+        check_update({**t, HEAD_B: np.zeros(LABELS, np.int64)}, like)

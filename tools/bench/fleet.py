@@ -49,7 +49,7 @@ Protocol (simulated by default, the same on ``--dataset CSV``):
   ``centralized_acc`` (``best_vs_centralized_any`` counts naive FedAvg too);
   ``fed_ge_local_all_sites``: that strategy's accuracy >= local-only on every site.
   TF-IDF + LR (``learning.tfidf_pipeline``) is shown beside them, local-only and centralized.
-* ``exact_error``: max |ΔW_agg − Σ w_k ΔW_k| (``strategies.exact_error``: every B·A pair, without
+* ``exact_error``: max |ΔW_agg − Σ w_k ΔW_k| (``update_batch.exact_error``: every B·A pair, without
   the fleet-wide scale alpha/r, and the head) on the real uploads of every round, for the exact
   schemes: ``ffa_lora``, and ``product_svd`` with its rank set to cover the clients' combined rank
   (K·r); ``exact_error_by_strategy`` also gives ``product_svd`` at the bundle's rank (truncation)
@@ -487,11 +487,11 @@ class Fleet:
 
     def frozen_a(self) -> dict[str, Any]:
         """The fleet's frozen A, as ``Aggregator._frozen_a`` derives it from the spec and the seed."""
-        from agent.fed import strategies
+        from agent.fed import lora_tensors
 
         if not self._frozen:
             shapes = {k: self.spec.shapes[k] for k in self.spec.a_keys}
-            self._frozen = strategies.frozen_lora_a_for(shapes, self.seed)
+            self._frozen = lora_tensors.frozen_lora_a_for(shapes, self.seed)
         return self._frozen
 
     def params(self, strategy: str, rank: int | None = None) -> dict[str, Any]:
@@ -535,14 +535,14 @@ class Fleet:
         """``Aggregator._accept``'s checks on an upload's bytes: its tensors and update norm.
 
         Raises ``WireError``/``SpecError``/``StrategyError`` (the aggregator refuses the upload)."""
-        from agent.fed import strategies
+        from agent.fed import lora_tensors, strategies, update_batch
         from agent.fed.wire import tensors_from_bytes
 
         freezes = strategies.STRATEGIES[strategy].freezes_a
         tensors = tensors_from_bytes(body)
         self.spec.check_tensors(tensors, self.spec.upload_keys(freezes))
-        full = strategies.with_frozen_a(tensors, self.frozen_a()) if freezes else tensors
-        return tensors, strategies.update_norm(full)
+        full = lora_tensors.with_frozen_a(tensors, self.frozen_a()) if freezes else tensors
+        return tensors, update_batch.update_norm(full)
 
     def receive(self, boxes: Sequence[Box], strategy: str, round_no: int) -> dict[str, Any]:
         """Every box's upload through the aggregator: refused at upload, left out as outliers, kept.
@@ -550,7 +550,7 @@ class Fleet:
         Returns ``kept`` (ClientUpdates, as ``Aggregator._aggregate`` builds them from the stored
         bytes), ``devices``, ``refused`` and ``excluded`` (device -> reason), ``norms`` and the bytes
         of each upload (``body_bytes``, ``frame_bytes``)."""
-        from agent.fed import strategies
+        from agent.fed import lora_tensors
         from agent.fed.spec import SpecError
         from agent.fed.wire import WireError, tensors_from_bytes
 
@@ -567,13 +567,13 @@ class Fleet:
             except (WireError, SpecError) as e:
                 refused[box.device] = f"{e.code}: {e}"
                 continue
-            except strategies.StrategyError as e:
+            except lora_tensors.StrategyError as e:
                 refused[box.device] = f"bad_tensors: {e}"
                 continue
             stored[box.device] = (body, box.num_examples)
         excluded = outlier_exclusions(norms, self.settings.outlier_factor)
         devices = [d for d in stored if d not in excluded]
-        kept = [strategies.ClientUpdate(tensors_from_bytes(stored[d][0]), stored[d][1]) for d in devices]
+        kept = [lora_tensors.ClientUpdate(tensors_from_bytes(stored[d][0]), stored[d][1]) for d in devices]
         return {
             "kept": kept,
             "devices": devices,
@@ -591,12 +591,12 @@ class Fleet:
 
     def full(self, updates: Sequence[Any], strategy: str) -> list[Any]:
         """Updates with their A (FFA: the frozen one), as ``exact_error`` needs them."""
-        from agent.fed import strategies
+        from agent.fed import lora_tensors, strategies
 
         if not strategies.STRATEGIES[strategy].freezes_a:
             return list(updates)
         return [
-            strategies.ClientUpdate(strategies.with_frozen_a(u.tensors, self.frozen_a()), u.num_examples)
+            lora_tensors.ClientUpdate(lora_tensors.with_frozen_a(u.tensors, self.frozen_a()), u.num_examples)
             for u in updates
         ]
 
@@ -681,7 +681,7 @@ def run_federated(
     from safetensors.numpy import load_file
 
     from agent.adapters import WEIGHTS
-    from agent.fed import strategies
+    from agent.fed import strategies, update_batch
     from agent.learner.train import train_adapter
 
     spec = strategies.STRATEGIES[strategy]
@@ -716,10 +716,10 @@ def run_federated(
         agg = fleet.aggregate(strategy, got["kept"])
         agg_s = time.perf_counter() - t1
         full = fleet.full(got["kept"], strategy)
-        errors = {strategy: strategies.exact_error(full, agg)}
+        errors = {strategy: update_batch.exact_error(full, agg)}
         if spec.base == "product_svd":
             combined = sum(fleet.spec.rank for _ in full)  # K·r: the mean's rank is at most this
-            errors["product_svd_full_rank"] = strategies.exact_error(
+            errors["product_svd_full_rank"] = update_batch.exact_error(
                 full, fleet.aggregate(strategy, got["kept"], rank=combined)
             )
         path = fleet.write_global(
@@ -853,13 +853,13 @@ def norm_ratios(
     whole adapter: ``adapter``) and as the update from the global the boxes started from (``update``)."""
     import numpy as np
 
-    from agent.fed import strategies
+    from agent.fed import lora_tensors, update_batch
 
     frozen = fleet.frozen_a()
-    ref = strategies.with_frozen_a(start, frozen)
+    ref = lora_tensors.with_frozen_a(start, frozen)
     accepted = [b for b in boxes if b.device in norms]
     updates = {
-        b.device: strategies.update_norm(strategies.with_frozen_a(b.tensors, frozen), reference=ref)
+        b.device: update_batch.update_norm(lora_tensors.with_frozen_a(b.tensors, frozen), reference=ref)
         for b in accepted
     }
     med_adapter = float(np.median(list(norms.values())))
@@ -928,7 +928,7 @@ def random_fleet(spec: Any, clients: int, frozen_a: Mapping[str, Any], seed: int
     Both lists share their B and head arrays; the full ones add a random A per client."""
     import numpy as np
 
-    from agent.fed import strategies
+    from agent.fed import lora_tensors
 
     rng = np.random.default_rng(seed)
     upload_keys = spec.upload_keys(True)
@@ -937,8 +937,8 @@ def random_fleet(spec: Any, clients: int, frozen_a: Mapping[str, Any], seed: int
         t = {k: (rng.standard_normal(spec.shapes[k], dtype=np.float32) * 0.01) for k in upload_keys}
         a = {k: (rng.standard_normal(spec.shapes[k], dtype=np.float32) * 0.05) for k in frozen_a}
         n = int(rng.integers(20, 2000))
-        ffa.append(strategies.ClientUpdate(t, n))
-        full.append(strategies.ClientUpdate({**t, **a}, n))
+        ffa.append(lora_tensors.ClientUpdate(t, n))
+        full.append(lora_tensors.ClientUpdate({**t, **a}, n))
     return ffa, full
 
 
