@@ -98,7 +98,11 @@ def sd_notify(*states: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            sock.sendall("\n".join(states).encode())
+            # Never wait on the supervisor: a notify socket nobody reads fills up, and a blocking
+            # send then holds the main thread, SIGTERM included (found by the chaos suite).
+            sock.send("\n".join(states).encode(), socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False  # its queue is full: this ping is dropped, the next one tries again
     except OSError as e:
         log.warning("sd_notify to %s failed: %s", address, e)
         return False

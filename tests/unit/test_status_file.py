@@ -118,3 +118,19 @@ def test_healthcheck_finds_the_file_from_the_bootstrap_config(tmp_path, capsys):
     assert main(["healthcheck", "--config", str(config)]) == 1
     write_status_file(status_file_path(data), True, {"state": "online"})
     assert main(["healthcheck", "--config", str(config)]) == 0
+
+
+def test_sd_notify_never_blocks_on_a_socket_nobody_reads(tmp_path, monkeypatch):
+    import socket
+
+    from agent.health import sd_notify
+
+    path = tmp_path / "notify.sock"
+    reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    reader.bind(str(path))  # bound, never read: its queue fills after a few hundred datagrams
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    try:
+        sent = [sd_notify("WATCHDOG=1", f"STATUS=tick {i}") for i in range(5000)]
+    finally:
+        reader.close()
+    assert sent[0] is True and sent[-1] is False  # the full queue dropped pings instead of waiting
