@@ -57,6 +57,7 @@ def save_peft_adapter(
     peft_model, out_dir: Path, manifest: BundleManifest, version: str, **meta_fields
 ) -> AdapterMeta:
     """``save_pretrained`` plus our manifest, written to a staged directory renamed into place."""
+    _dedupe_modules_to_save(peft_model)
     with staged_dir(out_dir) as tmp:
         peft_model.save_pretrained(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)
@@ -69,3 +70,16 @@ def save_peft_adapter(
         )
         write_meta(tmp, meta)
     return meta
+
+
+def _dedupe_modules_to_save(peft_model) -> None:
+    """Drop repeated ``modules_to_save`` entries before saving.
+
+    ``PeftModel.from_pretrained`` on a SEQ_CLS adapter appends the task's own head names
+    (``classifier``, ``score``) to the ``modules_to_save`` it loaded, so a round that continues the
+    last one saved them once more: 2 entries, then 4, ... 14 after the sixth round. Order kept.
+    """
+    for cfg in getattr(peft_model, "peft_config", {}).values():
+        modules = getattr(cfg, "modules_to_save", None)
+        if modules:
+            cfg.modules_to_save = list(dict.fromkeys(modules))
