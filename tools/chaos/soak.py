@@ -8,6 +8,12 @@ a global that the box gates. The first minute is warm-up (caches, allocator aren
 compares the median RSS of the first measured minute with that of the last; p99 drift compares
 the p99 of requests answered while no learner round ran, first measured minute against the last
 (a round on a 2-core box shares the CPU, which is the learner benchmark's subject, not drift).
+
+This machine is shared, and a neighbour's load in the last minute but not the first reads as
+drift. So a control twin runs beside the soaked box: a second daemon on the same bundle and broker,
+asked at the same rate, with no samples, rounds or sync. ``p99_drift_pct`` is the soaked box's p99
+ratio (last / first minute) over the twin's, measured in the same windows: what the mixed load did
+to the daemon beyond what the machine did to both. The raw figures are reported beside it.
 """
 
 from __future__ import annotations
@@ -92,8 +98,11 @@ def soak(world: World, seconds: float, warmup_s: float = 60.0, window_s: float =
     world.configure(box, 2, learning={**LEARNING, "min_new_samples": 400, "min_interval_s": 30}, sync=SYNC)
     assert box.proc is not None
     daemon = psutil.Process(box.proc.proc.pid)
+    twin = world.box("control-twin")
     req = Requester(world, box.topic(""), rate=20.0)
+    twin_req = Requester(world, twin.topic(""), rate=20.0)
     req.thread.start()
+    twin_req.thread.start()
     device = world.devices(1, box, "soak")[0]
     rounds: list[tuple[float, float | None]] = []  # (start, end) of learner rounds, monotonic
     samples: list[tuple[float, float, int]] = []  # (t, rss MB, fds)
@@ -114,6 +123,7 @@ def soak(world: World, seconds: float, warmup_s: float = 60.0, window_s: float =
         samples.append((time.monotonic() - t_start, daemon.memory_info().rss / 2**20, daemon.num_fds()))
         time.sleep(1.0)
     req.close()
+    twin_req.close()
     wait_until(lambda: device.answered() == sent, timeout=60, what="PUBACKs")
     acked = device.acked()
     device.close()
@@ -129,8 +139,8 @@ def soak(world: World, seconds: float, warmup_s: float = 60.0, window_s: float =
     end = time.monotonic()
     last = (end - window_s, end)
 
-    def window_p99(w: tuple[float, float]) -> float | None:
-        return p99([lat for t, lat in req.answers if w[0] <= t < w[1] and not in_round(t)])
+    def window_p99(w: tuple[float, float], r: Requester = req) -> float | None:
+        return p99([lat for t, lat in r.answers if w[0] <= t < w[1] and not in_round(t)])
 
     def window_rss(w: tuple[float, float]) -> float:
         return statistics.median(rss for t, rss, _ in samples if w[0] - t_start <= t < w[1] - t_start)
@@ -139,6 +149,10 @@ def soak(world: World, seconds: float, warmup_s: float = 60.0, window_s: float =
         return statistics.median(fds for t, _, fds in samples if w[0] - t_start <= t < w[1] - t_start)
 
     p_first, p_last = window_p99(first), window_p99(last)
+    c_first, c_last = window_p99(first, twin_req), window_p99(last, twin_req)
+    drift = None
+    if p_first and p_last and c_first and c_last:
+        drift = round(100.0 * ((p_last / p_first) / (c_last / c_first) - 1.0), 1)
     rss_first, rss_last = window_rss(first), window_rss(last)
     uploads = len([u for u in world.events(box, "sync") if u["event"] == "upload_acknowledged"])
     globals_ = len([u for u in world.events(box, "sync") if u["event"] == "global_verified"])
@@ -160,7 +174,11 @@ def soak(world: World, seconds: float, warmup_s: float = 60.0, window_s: float =
         "fds_last": window_fds(last),
         "p99_ms_first": p_first,
         "p99_ms_last": p_last,
-        "p99_drift_pct": round(100.0 * (p_last - p_first) / p_first, 1) if p_first and p_last else None,
+        "p99_drift_raw_pct": round(100.0 * (p_last - p_first) / p_first, 1) if p_first and p_last else None,
+        "twin_p99_ms_first": c_first,
+        "twin_p99_ms_last": c_last,
+        "twin_requests_failed": twin_req.failed + len(twin_req.sent),
+        "p99_drift_pct": drift,
         "rss_series": [(round(t), round(r, 1), f) for t, r, f in samples[:: max(1, len(samples) // 60)]],
         "alive": box.alive() and os.path.exists(f"/proc/{daemon.pid}"),
     }
