@@ -7,6 +7,8 @@ inference path reads adapters without torch.
 
 Before anything is activated: known keys only, every target of every layer present, shapes,
 dtypes, finiteness, labels and the base hash are checked; a bad adapter raises ``AdapterError``.
+The directory may also carry the fast learner (``agent.linear``) and the gate's choice of what
+serves; they are read and checked here too, so the directory swaps and rolls back as one unit.
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ class OrtAdapter:
 
     meta: AdapterMeta
     arrays: dict[str, np.ndarray]
+    # The fast learner saved beside the adapter (``agent.linear.LinearModel``), if any, and what the
+    # gate chose to serve from the directory: "transformer", "linear" or "combined".
+    linear: Any = None
+    serving: str = "transformer"
 
     @property
     def version(self) -> str:
@@ -104,7 +110,15 @@ def read_adapter(adapter_dir: Path, bundle: BundleManifest) -> OrtAdapter:
     cfg = _read_json(adapter_dir / PEFT_CONFIG)
     scale = _lora_scale(cfg)
     tensors = _read_tensors(adapter_dir / WEIGHTS)
-    return OrtAdapter(meta, to_ort_arrays(tensors, bundle, scale, meta.labels or bundle.labels))
+    labels = meta.labels or bundle.labels
+    arrays = to_ort_arrays(tensors, bundle, scale, labels)
+    from agent.linear import read_linear, read_serving
+
+    linear = read_linear(adapter_dir, labels)
+    serving = read_serving(adapter_dir)
+    if serving != "transformer" and linear is None:
+        raise AdapterError(f"adapter {meta.version} is to serve {serving!r} but carries no linear model")
+    return OrtAdapter(meta, arrays, linear, serving)
 
 
 def peft_target_modules(targets: list[LoraTarget]) -> str:

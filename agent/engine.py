@@ -47,6 +47,7 @@ from tokenizers import Tokenizer
 from agent import providers as prov
 from agent.adapters import AdapterError, OrtAdapter, read_adapter, write_ort_adapter
 from agent.bundle import TOKENIZER_JSON, BundleManifest, load_manifest
+from agent.linear import LinearModel, combine_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class Prediction:
     score: float
     top_k: list[tuple[str, float]]
     adapter_version: str | None
+    model: str = "transformer"  # which answered: "transformer" | "linear" | "combined"
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ class _Active:
     adapter_file: Path | None = None
     model_file: Path | None = None  # where the merged model is on disk (lean copies load it)
     lean: ort.InferenceSession | None = None  # fewer threads, while a learner round runs
+    linear: LinearModel | None = None  # the fast learner from the adapter's directory
+    model: str = "transformer"  # what answers: "transformer" | "linear" | "combined"
 
     @property
     def runner(self) -> ort.InferenceSession:
@@ -317,6 +321,16 @@ class InferenceEngine:
         return self._config
 
     @property
+    def serving_model(self) -> str:
+        """What answers: ``transformer``, ``linear`` or ``combined`` (the gate's choice per box)."""
+        return self._active.model
+
+    @property
+    def linear_model(self) -> LinearModel | None:
+        """The fast learner that came with the active adapter, whatever serves."""
+        return self._active.linear
+
+    @property
     def serving_path(self) -> str:
         """``base``, ``lora`` (adapter through the LoRA inputs) or ``merged`` (adapter folded in)."""
         return self._active.path
@@ -413,6 +427,22 @@ class InferenceEngine:
             ["logits"], {"input_ids": input_ids, "attention_mask": attention_mask}, active.run_options
         )[0]
 
+    def transformer_logits(self, texts: list[str]) -> np.ndarray:
+        """The transformer's logits in input order, batched as serving batches them (the learner's
+        evaluation of transformer, linear and combined from one pass)."""
+        active = self._active
+        ids = [e.ids for e in self._tokenizer.encode_batch_fast(texts)]
+        lengths = [len(x) for x in ids]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        out = np.zeros((len(texts), len(active.labels)), np.float32)
+        cfg = self._config
+        for chunk in _chunks(order, [lengths[i] for i in order], cfg.max_batch, cfg.max_batch_tokens):
+            batch_ids, mask = self._pad([ids[i] for i in chunk])
+            out[chunk] = active.runner.run(
+                ["logits"], {"input_ids": batch_ids, "attention_mask": mask}, active.run_options
+            )[0]
+        return out
+
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Pad to the longest text in ``texts`` (not to max_length: plant texts are short)."""
         encs = self._tokenizer.encode_batch_fast(texts)
@@ -434,6 +464,7 @@ class InferenceEngine:
             "queue_wait_ms_total": round(self._queue_wait_s * 1000.0, 3),
             "adapter_version": active.version,
             "serving_path": active.path,
+            "serving_model": active.model,
             "merge": {**self._merge, **self._merge_counts},
             "sessions_alive": len(self._sessions),
             "lean_sessions_alive": len(self._lean_sessions),
@@ -488,8 +519,22 @@ class InferenceEngine:
         if logits.shape[1] != len(labels) or not np.isfinite(logits).all():
             path.unlink(missing_ok=True)
             raise AdapterError(f"adapter {adapter.version}: probe output {logits.shape} is not usable")
+        if adapter.linear is not None and adapter.linear.labels != labels:
+            path.unlink(missing_ok=True)
+            raise AdapterError(f"adapter {adapter.version}: linear model labels differ from the adapter's")
         gen = next(self._generation)
-        new = _Active(adapter.version, labels, options, self._base_session, "lora", gen, handle, path)
+        new = _Active(
+            adapter.version,
+            labels,
+            options,
+            self._base_session,
+            "lora",
+            gen,
+            handle,
+            path,
+            linear=adapter.linear,
+            model=adapter.serving,
+        )
         old = self._swap(new)
         with self._jobs:
             # A build for an older adapter stops at its next check (or its session load aborts).
@@ -498,7 +543,7 @@ class InferenceEngine:
                 self._merge_job = _MergeJob(gen, adapter)
                 self._set_merge({"state": "queued", "version": adapter.version})
             self._jobs.notify_all()
-        log.info("adapter %s active (previous %s)", adapter.version, old.version)
+        log.info("adapter %s active, %s answers (previous %s)", adapter.version, adapter.serving, old.version)
         return gen
 
     def _swap(self, new: _Active) -> _Active:
@@ -997,6 +1042,22 @@ class InferenceEngine:
         stage["lookup"] += t0 - t_lookup
         if not misses:
             return out
+        model, linear = active.model, active.linear
+        if linear is None:
+            model = "transformer"
+        if model == "linear":
+            # The transformer does not run at all: the fast learner answers alone.
+            lp = linear.log_proba(misses)  # type: ignore[union-attr]
+            t1 = time.perf_counter()
+            stage["tokenize"] += t1 - t0
+            for t, pred in zip(misses, _top_k(lp, active.labels, cfg.top_k, version, model), strict=True):
+                out[t] = pred
+            stage["post"] += time.perf_counter() - t1
+            self._cache_misses(cache, misses, version, out)
+            return out
+        # The batch is vectorised once for the linear model; each ORT run takes its rows.
+        linear_lp = linear.log_proba(misses) if model == "combined" and linear is not None else None
+        weight = linear.config.weight if linear is not None else 0.0
         # No offsets, no padding: the ids are all the model needs.
         ids = [e.ids for e in self._tokenizer.encode_batch_fast(misses)]
         lengths = [len(x) for x in ids]
@@ -1014,7 +1075,9 @@ class InferenceEngine:
                 ["logits"], {"input_ids": batch_ids, "attention_mask": mask}, active.run_options
             )[0]
             tc = time.perf_counter()
-            for i, pred in zip(chunk, _top_k(logits, labels, cfg.top_k, version), strict=True):
+            if linear_lp is not None:
+                logits = combine_log_probs(logits, linear_lp[chunk], weight)
+            for i, pred in zip(chunk, _top_k(logits, labels, cfg.top_k, version, model), strict=True):
                 out[misses[i]] = pred
             stage["pad"] += tb - ta
             stage["run"] += tc - tb
@@ -1022,14 +1085,24 @@ class InferenceEngine:
             self._counters["runs"] += 1
             self._counters["padded_tokens"] += batch_ids.size
         self._counters["real_tokens"] += sum(lengths)
-        if cache is not None:
-            t2 = time.perf_counter()
-            for t in misses:
-                cache[(version, t)] = out[t]
-            while len(cache) > cfg.cache_size:
-                cache.popitem(last=False)
-            stage["post"] += time.perf_counter() - t2
+        self._cache_misses(cache, misses, version, out)
         return out
+
+    def _cache_misses(
+        self,
+        cache: OrderedDict[tuple[str | None, str], Prediction] | None,
+        misses: list[str],
+        version: str | None,
+        out: dict[str, Prediction],
+    ) -> None:
+        if cache is None:
+            return
+        t2 = time.perf_counter()
+        for t in misses:
+            cache[(version, t)] = out[t]
+        while len(cache) > self._config.cache_size:
+            cache.popitem(last=False)
+        self._stage_s["post"] += time.perf_counter() - t2
 
     def _pad(self, id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         return pad_ids(id_lists, self._pad_id)
@@ -1062,7 +1135,9 @@ def _chunks(order: list[int], lengths: list[int], max_texts: int, max_tokens: in
     return chunks
 
 
-def _top_k(logits: np.ndarray, labels: list[str], k: int, version: str | None) -> list[Prediction]:
+def _top_k(
+    logits: np.ndarray, labels: list[str], k: int, version: str | None, model: str = "transformer"
+) -> list[Prediction]:
     z = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(z)
     probs /= probs.sum(axis=1, keepdims=True)
@@ -1073,7 +1148,7 @@ def _top_k(logits: np.ndarray, labels: list[str], k: int, version: str | None) -
     preds = []
     for idx, sc in zip(top.tolist(), scores, strict=True):
         pairs = [(labels[j], s) for j, s in zip(idx, sc, strict=True)]
-        preds.append(Prediction(pairs[0][0], pairs[0][1], pairs, version))
+        preds.append(Prediction(pairs[0][0], pairs[0][1], pairs, version, model))
     return preds
 
 

@@ -34,6 +34,8 @@ def prediction_json(pred: Any, threshold: float) -> dict[str, Any]:
         "score": pred.score,
         "top_k": [[label, score] for label, score in pred.top_k],
         "uncertain": pred.score < threshold,
+        # Which model answered: "transformer", "linear" (the fast learner) or "combined".
+        "model": getattr(pred, "model", "transformer"),
     }
 
 

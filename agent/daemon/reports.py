@@ -90,6 +90,8 @@ class Reporter:
             "config_version": self.live.current.version,
             "model": self.model_info(),
             "adapter_version": self.engine.adapter_version,
+            # What answers: the gate's choice among transformer, linear and combined.
+            "serving_model": getattr(self.engine, "serving_model", "transformer"),
             "labels": sorted(self.engine.labels),
             "store": self._store(),
             "storage_error": self._storage_error(),
@@ -108,6 +110,8 @@ class Reporter:
             "agent_version": __version__,
             "model": self.model_info(),
             "adapter_version": self.engine.adapter_version,
+            # What answers: the gate's choice among transformer, linear and combined.
+            "serving_model": getattr(self.engine, "serving_model", "transformer"),
             "config_version": self.live.current.version,
             "pid": os.getpid(),
             "ts": round(time.time(), 3),
@@ -129,6 +133,8 @@ class Reporter:
             "storage_error": self._storage_error(),
             "model": self.model_info(),
             "adapter_version": self.engine.adapter_version,
+            # What answers: the gate's choice among transformer, linear and combined.
+            "serving_model": getattr(self.engine, "serving_model", "transformer"),
             "config_version": runtime.version,
             "connected": self.transport.connected,
             **self._extra(),
