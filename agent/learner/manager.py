@@ -22,6 +22,7 @@ from agent.adapters import AdapterError
 from agent.bundle import load_manifest
 from agent.learner import policy
 from agent.learner.round import RoundSpec, report_from_dict, run_round_process
+from agent.linear import write_serving
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class LearnerSettings:
     threads: int = 1
     keep_versions: int = 5
     min_interval_s: float = 60.0  # between two rounds, whatever triggers
+    # Fit the fast linear learner beside each LoRA round; the gate then chooses per box among
+    # transformer, linear and combined (agent.linear, policy.serving_choice).
+    linear: bool = True
 
 
 class LearnerManager:
@@ -413,6 +417,7 @@ class LearnerManager:
     def status(self) -> dict[str, Any]:
         return {
             "active": self.active_version(),
+            "serving_model": getattr(self.engine, "serving_model", "transformer"),
             "running": self._spec.version if self._proc is not None and self._spec else None,
             "last_refusal": self._last_refusal,
             **self.counters,
@@ -587,6 +592,7 @@ class LearnerManager:
             evaluate_only=evaluate is not None,
             active_bundle_dir=str(self.bundle_dir) if bundle is not None else None,
             active_dir=active_dir if bundle is not None else None,
+            linear=s.linear,
         )
         self._cancel_file.unlink(missing_ok=True)
         proc = mp.get_context("spawn").Process(
@@ -653,6 +659,7 @@ class LearnerManager:
                 {"version": spec.version, "status": status, "message": result.get("message")},
             )
             return
+        serving = self._choose_serving(result, candidate_dir)
         candidate = {k: report_from_dict(v) for k, v in result["candidate"].items()}
         active = {k: report_from_dict(v) for k, v in result["active"].items()}
         gate_slices = {k: v for k, v in candidate.items() if k in ("older", "recent")}
@@ -660,6 +667,7 @@ class LearnerManager:
         metrics = {
             "candidate": result["candidate"],
             "active": result["active"],
+            "serving": serving,
             "steps": result.get("steps"),
             "seconds": result.get("seconds"),
             "peak_rss_mb": result.get("peak_rss_mb"),
@@ -704,8 +712,28 @@ class LearnerManager:
                 "reasons": decision.reasons,
                 "candidate_accuracy": candidate.get("all", policy.EvalReport(0, {}, 0)).accuracy,
                 "active_accuracy": active.get("all", policy.EvalReport(0, {}, 0)).accuracy,
+                "serving_model": serving["model"],
             },
         )
+
+    def _choose_serving(self, result: dict[str, Any], candidate_dir: Path) -> dict[str, Any]:
+        """The gate's choice among the candidate's transformer, linear and combined models, written
+        into its directory (``serving.json``) so it swaps and rolls back with it; the chosen model's
+        reports become the candidate's for the promotion gate."""
+        models = result.get("candidate_models") or {}
+        if not models:
+            return {"model": "transformer", "reasons": ["no linear model"], "all": {}}
+        reports = {m: {k: report_from_dict(v) for k, v in r.items()} for m, r in models.items()}
+        choice = policy.serving_choice(reports, self.settings.gate)
+        write_serving(candidate_dir, choice.model, choice.reasons)
+        result["candidate"] = models[choice.model]
+        log.info("candidate %s serves %s: %s", result.get("version"), choice.model, "; ".join(choice.reasons))
+        return {
+            "model": choice.model,
+            "reasons": choice.reasons,
+            "all": {m: r.get("all", {}).get("accuracy") for m, r in models.items()},
+            "linear": result.get("linear") or {},
+        }
 
     def _register(
         self,

@@ -173,6 +173,44 @@ def promotion_decision(
     return GateDecision(not reasons, reasons)
 
 
+@dataclass(frozen=True)
+class ServingChoice:
+    model: str  # "transformer" | "linear" | "combined"
+    reasons: list[str]
+
+
+SERVING_ORDER = ("transformer", "combined", "linear")
+
+
+def serving_choice(models: Mapping[str, Mapping[str, EvalReport]], p: GatePolicy) -> ServingChoice:
+    """Which of a candidate's models serves, from each one's holdout slices (older, recent, all).
+
+    The transformer, unless another is better on the whole holdout (``all``) and passes the
+    promotion gate's no-regression rules against the transformer on the gate's slices (older and
+    recent): the cheap model replaces the expensive one only where it is not worse anywhere that
+    counts. Ties keep the earlier of transformer, combined, linear.
+    """
+    ref = models.get("transformer")
+    if ref is None or "all" not in ref:
+        return ServingChoice("transformer", ["no holdout evaluation of the transformer"])
+    best, best_acc = "transformer", ref["all"].accuracy
+    reasons: list[str] = []
+    for name in SERVING_ORDER[1:]:
+        cand = models.get(name)
+        if not cand or "all" not in cand:
+            continue
+        gate = promotion_decision({k: v for k, v in cand.items() if k in ("older", "recent")}, ref, p)
+        acc = cand["all"].accuracy
+        if not gate.promote:
+            reasons.append(f"{name} regresses against the transformer: {'; '.join(gate.reasons)}")
+        elif acc > best_acc + 1e-12:
+            reasons.append(f"{name} ({acc:.3f}) beats {best} ({best_acc:.3f}) on all")
+            best, best_acc = name, acc
+        else:
+            reasons.append(f"{name} ({acc:.3f}) not above {best} ({best_acc:.3f}) on all")
+    return ServingChoice(best, reasons)
+
+
 def evaluate(predicted: Sequence[str], truth: Sequence[str]) -> EvalReport:
     """Accuracy overall and per true class."""
     if len(predicted) != len(truth):

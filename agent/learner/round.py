@@ -19,12 +19,15 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.learner.policy import EvalReport, evaluate
 from agent.ops.cgroup import prefer_oom_kill
+
+if TYPE_CHECKING:
+    from agent.linear import LinearModel
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,11 @@ class RoundSpec:
     # another bundle (the one the box serves now): active_dir on active_bundle_dir.
     active_bundle_dir: str | None = None
     active_dir: str | None = None
+    # The fast learner (agent.linear), refit each round on the newest train samples and saved in
+    # the candidate's directory; the daemon's gate chooses what serves from its evaluation.
+    linear: bool = True
+    linear_max_samples: int = 20000
+    linear_n_features: int = 1 << 17
 
 
 @dataclass
@@ -77,6 +85,10 @@ class RoundResult:
     peak_rss_mb: float = 0.0
     candidate: dict[str, dict[str, Any]] = field(default_factory=dict)
     active: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per model of the candidate ("transformer", "linear", "combined"), its holdout slices; empty
+    # without a linear model. ``candidate`` holds the transformer's until the gate chooses.
+    candidate_models: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    linear: dict[str, Any] = field(default_factory=dict)  # fit time, samples, weight
 
 
 def read_training_set(
@@ -139,6 +151,78 @@ def read_holdout(
         cut = len(rows) - max(1, len(rows) // 4)
         older, recent = [(t, lab) for _, t, lab in rows[:cut]], [(t, lab) for _, t, lab in rows[cut:]]
     return older, recent
+
+
+def read_linear_training_set(
+    db_path: str, labels: list[str], limit: int, exclude: set[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """The newest ``limit`` train-split samples with a known label, oldest first, for the fast
+    learner: it refits from scratch on the whole recent history (like the TF-IDF baseline), which
+    takes seconds, so it needs no replay. Texts in ``exclude`` (the round's validation rows, on
+    which the combination weight is fitted) are left out."""
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute(
+            "SELECT text, label FROM samples WHERE split='train' ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+    finally:
+        con.close()
+    known, exclude = set(labels), exclude or set()
+    rows = [(t, lab) for t, lab in reversed(rows) if lab in known and t not in exclude]
+    return [t for t, _ in rows], [lab for _, lab in rows]
+
+
+def fit_linear_from_db(
+    db_path: str, labels: list[str], limit: int, exclude: set[str] | None = None, n_features: int = 1 << 17
+) -> tuple[LinearModel | None, dict[str, Any]]:
+    """The fast learner refit from SQLite; None (and why) when the samples hold fewer than two classes."""
+    from agent.linear import LinearConfig, fit_linear
+
+    t0 = time.perf_counter()
+    texts, labs = read_linear_training_set(db_path, labels, limit, exclude)
+    try:
+        model = fit_linear(texts, labs, labels, LinearConfig(list(labels), n_features=n_features))
+    except ValueError as e:
+        return None, {"skipped": str(e), "samples": len(texts)}
+    seconds = time.perf_counter() - t0
+    log.info("linear model fit on %d samples in %.2fs", len(texts), seconds)
+    return model, {"samples": len(texts), "fit_seconds": round(seconds, 3)}
+
+
+def evaluate_models(
+    bundle_dir: str,
+    adapter_dir: str,
+    precision: str,
+    slices: dict[str, list[tuple[str, str]]],
+    linear: LinearModel,
+    val: tuple[list[str], list[str]] | None,
+) -> tuple[dict[str, dict[str, EvalReport]], float]:
+    """Transformer, linear and combined on each slice from one transformer pass per slice; the
+    combination weight fitted on ``val`` (rows neither model trained on) first. Returns the
+    reports per model and the weight."""
+    from agent.engine import EngineConfig, InferenceEngine
+    from agent.linear import combine_log_probs, fit_weight
+
+    labels = linear.labels
+    index = {lab: i for i, lab in enumerate(labels)}
+    cfg = EngineConfig(precision=precision, provider="cpu", cache_size=0, intra_op_threads=1)
+    with InferenceEngine.open(Path(bundle_dir), cfg, adapter_dir=Path(adapter_dir)) as engine:
+        if engine.labels != labels:
+            raise ValueError(f"adapter labels {engine.labels} differ from the linear model's {labels}")
+        weight = 0.5
+        if val is not None and val[0]:
+            y = np.array([index[lab] for lab in val[1]])
+            weight = fit_weight(engine.transformer_logits(val[0]), linear.log_proba(val[0]), y)
+        out: dict[str, dict[str, EvalReport]] = {"transformer": {}, "linear": {}, "combined": {}}
+        for name, rows in slices.items():
+            if not rows:
+                continue
+            texts, truth = [t for t, _ in rows], [lab for _, lab in rows]
+            logits, lin = engine.transformer_logits(texts), linear.log_proba(texts)
+            comb = combine_log_probs(logits, lin, weight)
+            for model, z in (("transformer", logits), ("linear", lin), ("combined", comb)):
+                out[model][name] = evaluate([labels[i] for i in z.argmax(axis=1)], truth)
+    return out, weight
 
 
 def evaluate_adapter(
@@ -223,19 +307,49 @@ def run_round(spec: RoundSpec) -> RoundResult:
         tr.seconds,
         _peak_rss_mb(),
     )
-    _evaluate(spec, labels, result)
+    linear = None
+    if spec.linear:
+        linear, result.linear = fit_linear_from_db(
+            spec.db_path,
+            labels,
+            spec.linear_max_samples,
+            set(val[0]) if val else None,
+            spec.linear_n_features,
+        )
+    _evaluate(spec, labels, result, linear, val)
     result.status, result.steps, result.seconds = "trained", tr.steps, tr.seconds
     return result
 
 
-def _evaluate(spec: RoundSpec, labels: list[str], result: RoundResult) -> None:
-    """Candidate (in ``out_dir``) and active adapter on the holdout slices the gate compares."""
+def _evaluate(
+    spec: RoundSpec,
+    labels: list[str],
+    result: RoundResult,
+    linear: LinearModel | None = None,
+    val: tuple[list[str], list[str]] | None = None,
+) -> None:
+    """Candidate (in ``out_dir``) and active adapter on the holdout slices the gate compares.
+    With a linear model: the candidate's three models, and the linear model saved beside it."""
     older, recent = read_holdout(spec.db_path, labels, spec.since_sample_id)
     slices = {"older": older, "recent": recent, "all": older + recent}
-    result.candidate = {
-        k: asdict(v)
-        for k, v in evaluate_adapter(spec.bundle_dir, spec.out_dir, spec.precision, slices).items()
-    }
+    if linear is not None:
+        from agent.linear import save_linear
+
+        models, weight = evaluate_models(spec.bundle_dir, spec.out_dir, spec.precision, slices, linear, val)
+        linear.config.weight = weight
+        linear.config.version = spec.version
+        linear.config.metrics = {
+            m: {k: r.accuracy for k, r in reports.items()} for m, reports in models.items()
+        }
+        save_linear(Path(spec.out_dir), linear)
+        result.linear["weight"] = weight
+        result.candidate_models = {m: {k: asdict(v) for k, v in r.items()} for m, r in models.items()}
+        result.candidate = result.candidate_models["transformer"]
+    else:
+        result.candidate = {
+            k: asdict(v)
+            for k, v in evaluate_adapter(spec.bundle_dir, spec.out_dir, spec.precision, slices).items()
+        }
     active_bundle, active = (
         (spec.active_bundle_dir, spec.active_dir)
         if spec.active_bundle_dir

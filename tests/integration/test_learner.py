@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -80,6 +81,15 @@ def test_learns_promotes_refuses_bad_candidate_and_rolls_back(setup):
     after = engine.predict(["breaker tripped on machine M3 line 2"])[0]
     assert after.adapter_version == first and after.label == "electrical" and before.adapter_version is None
     assert [e for e, _ in events] == ["round_started", "round_finished"]
+    # The fast learner was fit beside the adapter and lives in its directory; the gate's choice of
+    # what serves is recorded in the registry, the event, the status and the answers.
+    unit = manager.adapters_dir / first
+    assert (unit / "linear_model.safetensors").exists() and (unit / "serving.json").exists()
+    serving = json.loads(manager.version_info(first)["metrics"])["serving"]
+    assert set(serving["all"]) == {"transformer", "linear", "combined"}
+    assert serving["model"] == engine.serving_model == manager.status()["serving_model"]
+    assert events[-1][1]["serving_model"] == serving["model"] == after.model
+    assert serving["linear"]["samples"] > 0 and 0.0 <= serving["linear"]["weight"] <= 1.0
 
     # A candidate trained on shuffled labels must be refused; the active adapter stays. Replay
     # and the lambda pull are off so that the bad data really damages the candidate.
@@ -101,8 +111,10 @@ def test_learns_promotes_refuses_bad_candidate_and_rolls_back(setup):
     # Rollback to the base, then forward again to the kept version.
     assert manager.rollback()["to"] == "base"
     assert engine.adapter_version is None and manager.active_version() is None
+    assert engine.serving_model == "transformer"
     assert manager.rollback(first)["ok"]
     assert engine.adapter_version == first and manager.active_version() == first
+    assert engine.serving_model == serving["model"]  # the linear model came back with the adapter
     assert manager.rollback("no-such-version")["ok"] is False
 
 
