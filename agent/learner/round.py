@@ -197,31 +197,43 @@ def evaluate_models(
     linear: LinearModel,
     val: tuple[list[str], list[str]] | None,
 ) -> tuple[dict[str, dict[str, EvalReport]], float]:
-    """Transformer, linear and combined on each slice from one transformer pass per slice; the
-    combination weight fitted on ``val`` (rows neither model trained on) first. Returns the
-    reports per model and the weight."""
+    """Transformer, linear and combined on each slice with the serving runtime (see
+    ``evaluate_models_on``), on an engine opened for ``adapter_dir``."""
     from agent.engine import EngineConfig, InferenceEngine
+
+    cfg = EngineConfig(precision=precision, provider="cpu", cache_size=0, intra_op_threads=1)
+    with InferenceEngine.open(Path(bundle_dir), cfg, adapter_dir=Path(adapter_dir)) as engine:
+        return evaluate_models_on(engine, slices, linear, val)
+
+
+def evaluate_models_on(
+    engine: Any,
+    slices: dict[str, list[tuple[str, str]]],
+    linear: LinearModel,
+    val: tuple[list[str], list[str]] | None,
+) -> tuple[dict[str, dict[str, EvalReport]], float]:
+    """Transformer (what ``engine`` has active), linear and combined on each slice from one
+    transformer pass per slice; the combination weight fitted on ``val`` (rows neither model
+    trained on) first, 0.5 without. Returns the reports per model and the weight."""
     from agent.linear import combine_log_probs, fit_weight
 
     labels = linear.labels
+    if engine.labels != labels:
+        raise ValueError(f"adapter labels {engine.labels} differ from the linear model's {labels}")
     index = {lab: i for i, lab in enumerate(labels)}
-    cfg = EngineConfig(precision=precision, provider="cpu", cache_size=0, intra_op_threads=1)
-    with InferenceEngine.open(Path(bundle_dir), cfg, adapter_dir=Path(adapter_dir)) as engine:
-        if engine.labels != labels:
-            raise ValueError(f"adapter labels {engine.labels} differ from the linear model's {labels}")
-        weight = 0.5
-        if val is not None and val[0]:
-            y = np.array([index[lab] for lab in val[1]])
-            weight = fit_weight(engine.transformer_logits(val[0]), linear.log_proba(val[0]), y)
-        out: dict[str, dict[str, EvalReport]] = {"transformer": {}, "linear": {}, "combined": {}}
-        for name, rows in slices.items():
-            if not rows:
-                continue
-            texts, truth = [t for t, _ in rows], [lab for _, lab in rows]
-            logits, lin = engine.transformer_logits(texts), linear.log_proba(texts)
-            comb = combine_log_probs(logits, lin, weight)
-            for model, z in (("transformer", logits), ("linear", lin), ("combined", comb)):
-                out[model][name] = evaluate([labels[i] for i in z.argmax(axis=1)], truth)
+    weight = 0.5
+    if val is not None and val[0]:
+        y = np.array([index[lab] for lab in val[1]])
+        weight = fit_weight(engine.transformer_logits(val[0]), linear.log_proba(val[0]), y)
+    out: dict[str, dict[str, EvalReport]] = {"transformer": {}, "linear": {}, "combined": {}}
+    for name, rows in slices.items():
+        if not rows:
+            continue
+        texts, truth = [t for t, _ in rows], [lab for _, lab in rows]
+        logits, lin = engine.transformer_logits(texts), linear.log_proba(texts)
+        comb = combine_log_probs(logits, lin, weight)
+        for model, z in (("transformer", logits), ("linear", lin), ("combined", comb)):
+            out[model][name] = evaluate([labels[i] for i in z.argmax(axis=1)], truth)
     return out, weight
 
 

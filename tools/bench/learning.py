@@ -44,6 +44,18 @@ Protocol (simulated by default, the same on ``--dataset CSV``):
 * **TF-IDF baseline**: word 1-2-grams + char_wb 2-5-grams (``FeatureUnion``, sublinear tf) and
   ``LogisticRegression(C=10)``, refit from scratch on all train rows seen so far at the same moments
   (after the base data, after each chunk), evaluated the same prequential way (``tfidf_*``).
+* **Fast learner** (the full run and the stream seeds; not the ablations): as the daemon does it,
+  the base adapter carries a linear model (``agent.linear``) fit on the pre-drift train rows, and
+  each round refits one on every train row seen (its validation rows left out, the combination
+  weight fitted on them), evaluates the candidate's transformer, linear and combined models on the
+  holdout slices, lets ``policy.serving_choice`` pick one and gates that one against what the
+  active unit serves. Per chunk: ``acc_drift_online`` is now the active unit's transformer,
+  ``fast_acc_drift_online`` the newest linear model alone, ``combined_acc_drift_online`` the active
+  unit's combination, ``served_acc_drift_online`` what the gate chose (``served_models``, chunk by
+  chunk); ``samples_to_recover_served`` against ``served_acc_before_drift``.
+  ``combined_overhead_ms_b1``: median batch-1 engine latency serving ``combined`` minus serving
+  ``transformer`` (same final adapter, merged, cache off, ABAB x3, 200 texts each);
+  ``linear_path_ms_b1`` that path's cost alone (vectorise, score, combine).
 * **Resources**: a serving engine opened as the daemon opens it (``EngineConfig`` defaults: precision
   trial on the stored holdout texts, intra-op threads = physical cores, the base adapter activated
   and merged; only the cache is off, so every request runs; ``--engine-threads`` overrides the
@@ -107,6 +119,10 @@ TARGETS = {  # metric -> (comparison, threshold), from the issue
     "forgetting_pts": ("<=", 2.0),
     "infer_p99_ratio_training": ("<=", 1.5),
     "learner_peak_rss_mb": ("<=", 1536.0),
+    # The fast learner (issue 16): what serves at least a point above TF-IDF, at little cost.
+    "served_acc_drift_online_minus_tfidf": (">=", 0.01),
+    "served_forgetting_pts": ("<=", 2.0),
+    "combined_overhead_ms_b1": ("<=", 1.0),
 }
 REQUIRED_KEYS = (
     "acc_before_drift",
@@ -566,13 +582,37 @@ def run_online(
     variant: Variant,
     work: Path,
     seed: int,
+    fast: bool = False,
 ) -> dict[str, Any]:
-    """Prequential online learning over the chunks (see the module docstring) for one variant."""
-    from agent.learner.policy import GatePolicy, promotion_decision
+    """Prequential online learning over the chunks (see the module docstring) for one variant.
+
+    With ``fast``, as the daemon does it since the fast learner: each round also refits the linear
+    model on every train row seen so far (the round's validation rows left out), the gate chooses
+    among the candidate's transformer, linear and combined (``policy.serving_choice``) and gates
+    that one against what the active unit serves. Each chunk is then predicted by all of them."""
+    from agent.learner.policy import GatePolicy, promotion_decision, serving_choice
+    from agent.learner.round import evaluate_models_on
     from agent.learner.train import train_adapter
+    from agent.linear import save_linear, write_serving
 
     gate = GatePolicy()
     active = base_dir
+    vdir = work / "adapters" / variant.name
+    seen_train = list(split.pre_train)
+    unit_linear: Any = None
+    unit_serving = "transformer"
+    latest_linear: Any = None
+    models_correct: dict[str, list[tuple[int, int]]] = {
+        m: [] for m in ("linear", "combined", "served", "fast")
+    }
+    served_models: list[str] = []
+    base_unit: dict[str, Any] = {}
+    if fast:
+        active, unit_linear, unit_serving, base_unit = base_fast_unit(ev, base_dir, split, labels, vdir, seed)
+        latest_linear = unit_linear
+        before = prequential_models(ev, active, unit_linear, latest_linear, split.pre_test)
+        base_unit["served_acc_before_drift"] = _acc(before[unit_serving])
+        base_unit["acc_before_drift"] = {m: _acc(c) for m, c in before.items()}
     older_train = list(split.pre_train)
     holdout = list(split.pre_holdout)
     # Rows after the active adapter's data (as the daemon's ``_active_data_through_id``): a refused
@@ -581,9 +621,16 @@ def run_online(
     pending_holdout: list[Row] = []
     correct: list[tuple[int, int]] = []
     rounds: list[dict[str, Any]] = []
-    vdir = work / "adapters" / variant.name
     for k, chunk in enumerate(split.chunks):
-        correct.append(ev.correct(active, chunk))
+        if fast:
+            counts = prequential_models(ev, active, unit_linear, latest_linear, chunk)
+            correct.append(counts["transformer"])
+            for m in ("linear", "combined", "fast"):
+                models_correct[m].append(counts[m])
+            models_correct["served"].append(counts[unit_serving])
+            served_models.append(unit_serving)
+        else:
+            correct.append(ev.correct(active, chunk))
         new = pending_train + list(split.chunk_train(k))
         new_holdout = pending_holdout + list(split.chunk_holdout_rows(k))
         texts, labs, n_new, n_replay = training_set(
@@ -610,7 +657,25 @@ def run_online(
             val=val,
         )
         older, recent = holdout_slices(holdout, new_holdout)
-        cand_rep = {"older": ev.report(cand, older), "recent": ev.report(cand, recent)}
+        seen_train += split.chunk_train(k)
+        choice = None
+        if fast:
+            lin, lin_info = fit_fast(seen_train, labels, set(val[0]) if val else set())
+            ev.engine.activate_adapter(cand)
+            ev.current = cand
+            rows_of = {"older": older, "recent": recent, "all": older + recent}
+            models, weight = evaluate_models_on(
+                ev.engine, {n: [(r.text, r.label) for r in rs] for n, rs in rows_of.items()}, lin, val
+            )
+            lin.config.weight = weight
+            choice = serving_choice(models, gate)
+            save_linear(cand, lin)
+            write_serving(cand, choice.model, choice.reasons)
+            ev.current = None  # the directory changed: activate it again to serve its choice
+            latest_linear = lin
+            cand_rep = {"older": models[choice.model]["older"], "recent": models[choice.model]["recent"]}
+        else:
+            cand_rep = {"older": ev.report(cand, older), "recent": ev.report(cand, recent)}
         act_rep = {"older": ev.report(active, older), "recent": ev.report(active, recent)}
         decision = promotion_decision(cand_rep, act_rep, gate)
         promote = decision.promote or not variant.gate
@@ -630,6 +695,16 @@ def run_online(
                 "gate_pass": decision.promote,
                 "promoted": promote,
                 "reasons": decision.reasons,
+                **(
+                    {
+                        "serving_choice": choice.model,
+                        "serving_reasons": choice.reasons,
+                        "models_all": {m: round(r["all"].accuracy, 4) for m, r in models.items()},
+                        "linear": {**lin_info, "weight": weight},
+                    }
+                    if choice is not None
+                    else {}
+                ),
             }
         )
         log(
@@ -640,15 +715,40 @@ def run_online(
         )
         if promote:
             active = cand
+            if choice is not None:
+                unit_linear, unit_serving = latest_linear, choice.model
             older_train += new
             holdout += new_holdout
             pending_train, pending_holdout = [], []
         else:
             pending_train, pending_holdout = new, new_holdout
-    final_post = ev.accuracy(active, split.post_test)
-    final_pre = ev.accuracy(active, split.pre_test)
+    fast_out: dict[str, Any] = {}
+    if fast:
+        post = prequential_models(ev, active, unit_linear, latest_linear, split.post_test)
+        pre = prequential_models(ev, active, unit_linear, latest_linear, split.pre_test)
+        served_chunk_acc = chunk_accuracies(models_correct["served"])
+        fast_out = {
+            "fast_acc_drift_online": pooled_accuracy(models_correct["fast"], 1),
+            "combined_acc_drift_online": pooled_accuracy(models_correct["combined"], 1),
+            "served_acc_drift_online": pooled_accuracy(models_correct["served"], 1),
+            "served_acc_drift_online_all_chunks": pooled_accuracy(models_correct["served"], 0),
+            "served_chunk_acc": served_chunk_acc,
+            "fast_chunk_acc": chunk_accuracies(models_correct["fast"]),
+            "combined_chunk_acc": chunk_accuracies(models_correct["combined"]),
+            "served_models": served_models,
+            "served_acc_post_test": _acc(post[unit_serving]),
+            "served_acc_pre_test": _acc(pre[unit_serving]),
+            "fast_acc_post_test": _acc(post["fast"]),
+            "fast_acc_pre_test": _acc(pre["fast"]),
+            "base_unit": base_unit,
+            "final_serving": unit_serving,
+            "final_unit_dir": str(active),
+        }
+    final_post = ev.accuracy(active, split.post_test) if not fast else _acc(post["transformer"])
+    final_pre = ev.accuracy(active, split.pre_test) if not fast else _acc(pre["transformer"])
     chunk_acc = chunk_accuracies(correct)
     return {
+        **fast_out,
         "variant": asdict(variant),
         "chunk_correct": correct,
         "chunk_acc": chunk_acc,
@@ -661,6 +761,151 @@ def run_online(
         "rounds": rounds,
         "final_adapter": active.name,
         "train_seconds_mean": common.median([r["seconds"] for r in rounds]) if rounds else math.nan,
+    }
+
+
+def _acc(c: tuple[int, int]) -> float:
+    return c[0] / c[1] if c[1] else math.nan
+
+
+def fit_fast(rows: Sequence[Row], labels: list[str], exclude: set[str]) -> tuple[Any, dict[str, Any]]:
+    """The fast learner as ``round.fit_linear_from_db`` fits it: every train row seen, the round's
+    validation rows left out."""
+    from agent.linear import LinearConfig, fit_linear
+
+    t0 = time.perf_counter()
+    kept = [r for r in rows if r.text not in exclude]
+    model = fit_linear([r.text for r in kept], [r.label for r in kept], labels, LinearConfig(list(labels)))
+    return model, {"samples": len(kept), "fit_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def base_fast_unit(
+    ev: Evaluator, base_dir: Path, split: Split, labels: list[str], vdir: Path, seed: int
+) -> tuple[Path, Any, str, dict[str, Any]]:
+    """The base adapter with its fast learner (fit on the pre-drift train rows less a 10 % weight
+    split) and the gate's serving choice on the pre-drift holdout, as one directory."""
+    import numpy as np
+
+    from agent.learner.policy import GatePolicy, serving_choice
+    from agent.learner.round import evaluate_models_on
+    from agent.linear import save_linear, write_serving
+
+    unit = vdir / "base-unit"
+    shutil.rmtree(unit, ignore_errors=True)
+    shutil.copytree(base_dir, unit)
+    order = np.random.default_rng(seed).permutation(len(split.pre_train))
+    rows = [split.pre_train[i] for i in order]
+    n_val = int(len(rows) * VAL_FRACTION)
+    val_rows = rows[:n_val]
+    lin, info = fit_fast(rows, labels, {r.text for r in val_rows})
+    older, recent = holdout_slices(split.pre_holdout, [])
+    ev.engine.activate_adapter(unit)
+    ev.current = unit
+    rows_of = {"older": older, "recent": recent, "all": older + recent}
+    models, weight = evaluate_models_on(
+        ev.engine,
+        {n: [(r.text, r.label) for r in rs] for n, rs in rows_of.items()},
+        lin,
+        ([r.text for r in val_rows], [r.label for r in val_rows]) if val_rows else None,
+    )
+    lin.config.weight = weight
+    choice = serving_choice(models, GatePolicy())
+    save_linear(unit, lin)
+    write_serving(unit, choice.model, choice.reasons)
+    ev.current = None
+    log(f"base unit: serves {choice.model} ({'; '.join(choice.reasons)}), weight {weight}")
+    return (
+        unit,
+        lin,
+        choice.model,
+        {
+            **info,
+            "weight": weight,
+            "serving": choice.model,
+            "models_all": {m: r["all"].accuracy for m, r in models.items()},
+        },
+    )
+
+
+def prequential_models(
+    ev: Evaluator, unit: Path, unit_linear: Any, latest_linear: Any, rows: Sequence[Row]
+) -> dict[str, tuple[int, int]]:
+    """(right, total) on ``rows`` for the unit's transformer, its linear model, their combination
+    (the unit's weight), and the newest fast learner alone; from one transformer pass."""
+    from agent.linear import combine_log_probs
+
+    if not rows:
+        return {m: (0, 0) for m in ("transformer", "linear", "combined", "fast")}
+    if ev.current != unit:
+        ev.engine.activate_adapter(unit)
+        ev.current = unit
+    labels = ev.engine.labels
+    texts = [r.text for r in rows]
+    truth = [r.label for r in rows]
+
+    def right(z) -> tuple[int, int]:
+        return sum(labels[i] == t for i, t in zip(z.argmax(axis=1), truth, strict=True)), len(rows)
+
+    logits = ev.engine.transformer_logits(texts)
+    out = {"transformer": right(logits)}
+    lin = unit_linear.log_proba(texts) if unit_linear is not None else logits
+    out["linear"] = right(lin)
+    out["combined"] = (
+        right(combine_log_probs(logits, lin, unit_linear.config.weight))
+        if unit_linear is not None
+        else out["transformer"]
+    )
+    out["fast"] = right(latest_linear.log_proba(texts)) if latest_linear is not None else out["transformer"]
+    return out
+
+
+def combined_overhead(
+    ev: Evaluator, unit: Path, texts: list[str], work: Path, repeats: int = 2
+) -> dict[str, Any]:
+    """Engine latency at batch 1 serving ``combined`` vs ``transformer`` from the same adapter and
+    linear model (each merged, the cache off): the cost of the fast learner on the serving path."""
+    import numpy as np
+
+    from agent.linear import write_serving
+
+    dirs = {}
+    for model in ("transformer", "combined"):
+        d = work / f"overhead-{model}"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(unit, d)
+        write_serving(d, model)
+        dirs[model] = d
+    samples: dict[str, list[float]] = {"transformer": [], "combined": []}
+    for _ in range(repeats):
+        for model, d in dirs.items():
+            ev.engine.activate_adapter(d)
+            ev.current = None
+            ev.engine.wait_merged()
+            for t in texts[:20]:
+                ev.engine.predict([t])  # warm up
+            for t in texts:
+                t0 = time.perf_counter()
+                ev.engine.predict([t])
+                samples[model].append((time.perf_counter() - t0) * 1000.0)
+    med = {m: float(np.median(v)) for m, v in samples.items()}
+    # The same cost measured alone, free of the session's noise on a busy machine: vectorise one
+    # text, score it, combine with a logits row.
+    from agent.linear import combine_log_probs, read_linear
+
+    linear = read_linear(dirs["combined"], ev.engine.labels)
+    direct = []
+    if linear is not None:
+        row = np.zeros((1, len(ev.engine.labels)), np.float32)
+        for t in texts:
+            t0 = time.perf_counter()
+            combine_log_probs(row, linear.log_proba([t]), linear.config.weight)
+            direct.append((time.perf_counter() - t0) * 1000.0)
+    return {
+        "combined_overhead_ms_b1": med["combined"] - med["transformer"],
+        "linear_path_ms_b1": float(np.median(direct)) if direct else math.nan,
+        "transformer_p50_ms_b1": med["transformer"],
+        "combined_p50_ms_b1": med["combined"],
+        "requests_each": len(samples["transformer"]),
     }
 
 
@@ -1061,6 +1306,18 @@ def report(result: dict[str, Any]) -> str:
         ["labeled samples to recover", str(ours["samples_to_recover"]), str(tf["samples_to_recover"])],
     ]
     lines.append(common.format_table(["", "LoRA online (ours)", "TF-IDF + LR"], rows))
+    if "served_acc_drift_online" in result:
+        lines += [
+            "",
+            "with the fast learner (drift, online, %): "
+            f"transformer {_pct(ours['acc_drift_online'])}, fast linear {_pct(result['fast_acc_drift_online'])}, "
+            f"combined {_pct(result['combined_acc_drift_online'])}, served {_pct(result['served_acc_drift_online'])} "
+            f"(chunk by chunk: {', '.join(result['served_models'])}), TF-IDF {_pct(tf['acc_drift'])}; "
+            f"served before drift {_pct(result['served_acc_before_drift'])}, forgetting "
+            f"{common.fmt_num(result['served_forgetting_pts'])} pts, samples to recover "
+            f"{result['samples_to_recover_served']}; combined overhead at batch 1 "
+            f"{common.fmt_num(result['combined_overhead_ms_b1'], 3)} ms",
+        ]
     chunks = result["online"]["full"]["chunk_acc"]
     lines += [
         "",
@@ -1200,6 +1457,10 @@ def _headline(acc_before: float, online: dict[str, Any], tf: dict[str, Any]) -> 
         "tfidf_acc_drift": tf["acc_drift"],
         "tfidf_acc_post_test": tf["acc_post_test"],
         "promoted": online["promoted"],
+        "fast_acc_drift_online": online.get("fast_acc_drift_online"),
+        "combined_acc_drift_online": online.get("combined_acc_drift_online"),
+        "served_acc_drift_online": online.get("served_acc_drift_online"),
+        "served_models": online.get("served_models"),
     }
 
 
@@ -1216,7 +1477,7 @@ def repeat_on_stream(
     tf = run_tfidf(split)
     base_dir, _ = train_base(bundle, split, plan, work / f"seed{seed}", seed)
     online = run_online(
-        bundle, labels, split, plan, ev, base_dir, variants()["full"], work / f"seed{seed}", seed
+        bundle, labels, split, plan, ev, base_dir, variants()["full"], work / f"seed{seed}", seed, fast=True
     )
     row = {"seed": seed, **_headline(ev.accuracy(base_dir, split.pre_test), online, tf)}
     log(
@@ -1271,7 +1532,13 @@ def run(
             f"post-drift test {acc_base_post:.3f}"
         )
         vs = variants()
-        online = {"full": run_online(bundle, labels, split, plan, ev, base_dir, vs["full"], work, seed)}
+        online = {
+            "full": run_online(bundle, labels, split, plan, ev, base_dir, vs["full"], work, seed, fast=True)
+        }
+        overhead = combined_overhead(
+            ev, Path(online["full"]["final_unit_dir"]), [r.text for r in split.post_test][:200], work
+        )
+        log(f"combined vs transformer at batch 1: {json.dumps(overhead)}")
         resources = measure_round_under_load(
             bundle, labels, split, plan, ev, base_dir, work, seed, engine_threads
         )
@@ -1305,7 +1572,28 @@ def run(
         ablations["no_gate"] = {**ablations["full"], "note": "gate never refused: identical to full"}
     tf_drift = tf["acc_drift"]
     to_recover = samples_to_recover(full["chunk_acc"], sizes, acc_before - RECOVER_WITHIN)
+    served_before = full["base_unit"]["served_acc_before_drift"]
+    served_recover = samples_to_recover(full["served_chunk_acc"], sizes, served_before - RECOVER_WITHIN)
     result: dict[str, Any] = {
+        "fast_acc_drift_online": full["fast_acc_drift_online"],
+        "combined_acc_drift_online": full["combined_acc_drift_online"],
+        "served_acc_drift_online": full["served_acc_drift_online"],
+        "served_acc_drift_online_minus_tfidf": full["served_acc_drift_online"] - tf["acc_drift"],
+        "served_acc_before_drift": served_before,
+        "samples_to_recover_served": served_recover,
+        "served_recover_target": served_before - RECOVER_WITHIN,
+        "served_forgetting_pts": points(served_before, full["served_acc_pre_test"]),
+        "served_acc_post_test": full["served_acc_post_test"],
+        "fast_acc_post_test": full["fast_acc_post_test"],
+        "served_models": full["served_models"],
+        "served_chunk_acc": full["served_chunk_acc"],
+        "fast_chunk_acc": full["fast_chunk_acc"],
+        "combined_chunk_acc": full["combined_chunk_acc"],
+        "combined_overhead_ms_b1": overhead["combined_overhead_ms_b1"],
+        "combined_overhead": overhead,
+        "served_acc_drift_online_minus_tfidf_min_over_seeds": min(
+            r["served_acc_drift_online"] - r["tfidf_acc_drift"] for r in repeats
+        ),
         "acc_before_drift": acc_before,
         "acc_drift_no_learning": pooled_accuracy(no_learning, 1),
         "acc_drift_online": full["acc_drift_online"],
