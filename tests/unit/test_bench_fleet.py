@@ -305,3 +305,31 @@ def test_benchmark_is_registered():
     from tools.bench.__main__ import BENCHMARKS
 
     assert "fleet" in BENCHMARKS
+
+
+def test_a_written_global_serves_its_lora_factors_scale_and_head(tiny_bundle, random_adapter, tmp_path):
+    """The global the bench writes (``Fleet.write_global``: the box's ``write_adapter_dir``) reaches the
+    serving engine with everything: its LoRA B·A at the scale alpha/r and its head, exactly as the PEFT
+    adapter it was made from. (Round 1 of the fleet benchmark gave the same per-site accuracies for
+    every strategy: the averaged globals predicted the one label all sites share, not an adapter served
+    without its LoRA.)"""
+    from safetensors.numpy import load_file
+
+    from agent.adapters import WEIGHTS, read_adapter
+    from agent.bundle import load_manifest
+    from agent.lora_graph import HEAD_WEIGHT
+
+    fl = fleet.Fleet.open(tiny_bundle, seed=7)
+    tensors = load_file(str(random_adapter / WEIGHTS))
+    manifest = load_manifest(tiny_bundle)
+    want = read_adapter(random_adapter, manifest).arrays
+
+    got = read_adapter(fl.write_global(tensors, tmp_path / "g", "fedavg_naive", 1, 10), manifest).arrays
+    assert set(got) == set(want)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+    # B is served, not only the head: zero B changes the LoRA inputs and leaves the head as it was.
+    no_b = {k: (np.zeros_like(v) if k.endswith(".lora_B.weight") else v) for k, v in tensors.items()}
+    served = read_adapter(fl.write_global(no_b, tmp_path / "no-b", "fedavg_naive", 1, 10), manifest).arrays
+    assert any(k != HEAD_WEIGHT and not np.array_equal(served[k], want[k]) for k in want)
+    assert np.array_equal(served[HEAD_WEIGHT], want[HEAD_WEIGHT])
