@@ -214,14 +214,14 @@ def evaluate_models_on(
 ) -> tuple[dict[str, dict[str, EvalReport]], float]:
     """Transformer (what ``engine`` has active), linear and combined on each slice from one
     transformer pass per slice; the combination weight fitted on ``val`` (rows neither model
-    trained on) first, 0.5 without. Returns the reports per model and the weight."""
+    trained on) first, the model's own without. Returns the reports per model and the weight."""
     from agent.linear import combine_log_probs, fit_weight
 
     labels = linear.labels
     if engine.labels != labels:
         raise ValueError(f"adapter labels {engine.labels} differ from the linear model's {labels}")
     index = {lab: i for i, lab in enumerate(labels)}
-    weight = 0.5
+    weight = linear.config.weight  # without rows to fit it on: what the model carries (0.5 when new)
     if val is not None and val[0]:
         y = np.array([index[lab] for lab in val[1]])
         weight = fit_weight(engine.transformer_logits(val[0]), linear.log_proba(val[0]), y)
@@ -262,7 +262,14 @@ def run_round(spec: RoundSpec) -> RoundResult:
     labels = load_manifest(Path(spec.bundle_dir)).labels
     if spec.evaluate_only:
         result = RoundResult("trained", spec.version, max_sample_id=0)
-        _evaluate(spec, labels, result)
+        # The fleet's adapter is judged with the box's own fast learner beside it, refit here: the
+        # box keeps serving linear or combined where that is better, whatever the fleet sends.
+        linear = None
+        if spec.linear:
+            linear, result.linear = fit_linear_from_db(
+                spec.db_path, labels, spec.linear_max_samples, None, spec.linear_n_features
+            )
+        _evaluate(spec, labels, result, linear)
         return result
     texts, labs, n_new, n_replay, max_id = read_training_set(
         spec.db_path, labels, spec.since_sample_id, spec.max_train_samples, spec.replay_fraction, spec.seed
