@@ -13,6 +13,11 @@ pairs and ``ΔW = B·A``: ``agent.fed.lora_tensors``). The strategies, named aft
   ``coordinate_median`` in place of the mean (``combine=``, ``agent.fed.combines``), and norm clipping
   (``clip_norm=``, ``clip_median_factor=``, ``agent.fed.update_batch``), composable with each strategy.
 
+The box's fast learner (``agent.linear``: logistic regression over *hashed* n-grams) needs none of
+this: every box shares one feature space by construction, so the weighted mean of ``coef`` and
+``intercept`` is the average of the models exactly (FedAvg is exact for linear models). It is not
+federated yet; the box refits it from its own samples each round.
+
 Weights are the clients' ``num_examples``. The weighted means also split over workers
 (``agent.fed.partial_sums``). Inconsistent input raises ``StrategyError``. Numerics: stacks are float32
 and the weighted sums run in float32 BLAS; the SVD steps (``agent.fed.low_rank``) run in float64.
