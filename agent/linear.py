@@ -5,8 +5,9 @@ with fewer samples than LoRA (README, On-box learning). This is that model, made
 
 * features are hashed (scikit-learn's ``HashingVectorizer``), so every box shares one feature space
   and needs no vocabulary: linear models of the fleet average exactly (FedAvg of ``coef`` is the
-  average of the models). Sublinear term frequency times an idf learned from the box's samples (0
-  for features never seen, as TF-IDF drops unknown terms), each analyzer's block L2-normalised;
+  average of the models' scores) once they share one ``idf``. Sublinear term frequency times an idf
+  learned from the box's samples (0 for features never seen, as TF-IDF drops unknown terms), each
+  analyzer's block L2-normalised;
 * the artifact is arrays, not pickle: ``linear_model.safetensors`` (``coef`` [labels, features],
   ``intercept`` [labels], ``idf`` [features]) plus ``linear_config.json`` (hash space, n-gram
   ranges, analyzer settings, labels, format version, the combination weight). It lives in the

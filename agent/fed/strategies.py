@@ -15,8 +15,9 @@ pairs and ``ΔW = B·A``: ``agent.fed.lora_tensors``). The strategies, named aft
 
 The box's fast learner (``agent.linear``: logistic regression over *hashed* n-grams) needs none of
 this: every box shares one feature space by construction, so the weighted mean of ``coef`` and
-``intercept`` is the average of the models exactly (FedAvg is exact for linear models). It is not
-federated yet; the box refits it from its own samples each round.
+``intercept`` is the average of the models' scores exactly (FedAvg is exact for linear models), once
+the fleet fixes one ``idf`` vector (today each box learns its own). It is not federated yet; the box
+refits it from its own samples each round.
 
 Weights are the clients' ``num_examples``. The weighted means also split over workers
 (``agent.fed.partial_sums``). Inconsistent input raises ``StrategyError``. Numerics: stacks are float32
