@@ -355,6 +355,11 @@ class LearningSettings(_RuntimeSection):
         le=100,
         description="weight of distilling the fleet (or active) model's predictions where they are right",
     )
+    fast_learner: bool = Field(
+        True,
+        description="fit the fast linear learner (hashed n-grams) beside each round; the gate then "
+        "chooses what serves among transformer, linear and combined",
+    )
     replay_fraction: float = Field(
         0.5, ge=0, lt=1, description="share of each round's data replayed from older samples, class-balanced"
     )

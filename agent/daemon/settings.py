@@ -112,6 +112,7 @@ def learner_settings(runtime: RuntimeConfig) -> LearnerSettings:
         threads=ls.threads,
         keep_versions=ls.keep_versions,
         min_interval_s=ls.min_interval_s,
+        linear=ls.fast_learner,
     )
 
 
