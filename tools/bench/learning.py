@@ -156,6 +156,10 @@ class Plan:
     latency_idle_s: float  # each of the two idle windows
     latency_rate_hz: float
     ablations: bool = True
+    # ``--fast-only``: skip the offline full fine-tune and the round under load (their keys NaN): the
+    # accuracy of transformer, fast learner, combined and served in a third of the time.
+    offline: bool = True
+    resources: bool = True
     is_quick: bool = False
 
     @classmethod
@@ -629,6 +633,11 @@ def run_online(
                 models_correct[m].append(counts[m])
             models_correct["served"].append(counts[unit_serving])
             served_models.append(unit_serving)
+            log(
+                f"[{variant.name}] chunk {k}: transformer {_acc(counts['transformer']):.3f}, fast "
+                f"{_acc(counts['fast']):.3f}, combined {_acc(counts['combined']):.3f}, served "
+                f"{unit_serving} {_acc(counts[unit_serving]):.3f}"
+            )
         else:
             correct.append(ev.correct(active, chunk))
         new = pending_train + list(split.chunk_train(k))
@@ -761,6 +770,39 @@ def run_online(
         "rounds": rounds,
         "final_adapter": active.name,
         "train_seconds_mean": common.median([r["seconds"] for r in rounds]) if rounds else math.nan,
+    }
+
+
+def _skipped_resources() -> dict[str, Any]:
+    keys = [
+        "infer_p50_ms_idle",
+        "infer_p50_ms_training",
+        "infer_p99_ms_idle",
+        "infer_p99_ms_training",
+        "infer_p99_ratio_training",
+        "peak_rss_mb",
+        "train_seconds",
+        "rate_hz",
+        "round_wall_seconds",
+    ]
+    return {
+        **dict.fromkeys(keys, math.nan),
+        "engine": {},
+        "requests_idle": 0,
+        "requests_training": 0,
+        "status": "skipped",
+        "steps": 0,
+    }
+
+
+def _skipped_offline() -> dict[str, Any]:
+    return {
+        "acc_post_test": math.nan,
+        "acc_pre_test": math.nan,
+        "steps": 0,
+        "seconds": 0,
+        "seconds_per_step": math.nan,
+        "skipped": True,
     }
 
 
@@ -1539,10 +1581,12 @@ def run(
             ev, Path(online["full"]["final_unit_dir"]), [r.text for r in split.post_test][:200], work
         )
         log(f"combined vs transformer at batch 1: {json.dumps(overhead)}")
-        resources = measure_round_under_load(
-            bundle, labels, split, plan, ev, base_dir, work, seed, engine_threads
+        resources = (
+            measure_round_under_load(bundle, labels, split, plan, ev, base_dir, work, seed, engine_threads)
+            if plan.resources
+            else _skipped_resources()
         )
-        offline = offline_full_finetune(bundle, split, plan, seed)
+        offline = offline_full_finetune(bundle, split, plan, seed) if plan.offline else _skipped_offline()
         log(
             f"offline full FT: post-drift test {offline['acc_post_test']:.3f}, pre-drift test {offline['acc_pre_test']:.3f}"
         )
@@ -1742,6 +1786,12 @@ def _parser() -> argparse.ArgumentParser:
         "--chunks", type=int, default=None, help="number of stream chunks (default 6; 2 with --quick)"
     )
     p.add_argument("--no-ablations", action="store_true", help="skip the ablation reruns")
+    p.add_argument(
+        "--fast-only",
+        action="store_true",
+        help="the online accuracies alone (transformer, fast learner, combined, served, TF-IDF): "
+        "no ablations, no offline full fine-tune, no round under load",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1-2 epochs (~2 minutes)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--seed", type=int, default=0)
@@ -1782,6 +1832,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, n_chunks=args.chunks)
     if args.no_ablations:
         plan = replace(plan, ablations=False)
+    if args.fast_only:
+        plan = replace(plan, ablations=False, offline=False, resources=False)
     if args.dataset is not None:
         split = csv_split(
             args.dataset,
