@@ -11,6 +11,7 @@ BENCHMARKS = {
     "ingest": "MQTT sample ingest into the store",
     "learning": "on-box LoRA training rounds",
     "fleet": "federated LoRA over non-IID sites vs local-only and centralized",
+    "bundle": "request latency and failures across a base-model (bundle) switch",
 }
 
 
