@@ -103,6 +103,7 @@ def learner_settings(runtime: RuntimeConfig) -> LearnerSettings:
         schedule=list(ls.schedule),
         epochs=ls.epochs,
         lr=ls.learning_rate,
+        lr_frozen_a=ls.frozen_a_learning_rate,
         batch_size=ls.batch_size,
         anchor_lambda=ls.anchor_lambda,
         distill_weight=ls.distill_weight,

@@ -73,6 +73,7 @@ class LearnerSettings:
     schedule: list[str] = field(default_factory=list)  # "HH:MM" UTC
     epochs: int = 8
     lr: float = 1e-3
+    lr_frozen_a: float = 1e-2  # with the fleet's frozen A (FFA-LoRA): B and the head only
     batch_size: int = 16
     anchor_lambda: float = 1e-3
     distill_weight: float = 1.0
@@ -561,6 +562,7 @@ class LearnerManager:
         origin = evaluate[2] if evaluate else ("bundle" if bundle is not None else "local")
         active_dir = str(self.adapters_dir / active) if active else None
         s = self.settings
+        frozen_a_seed = self.frozen_a_seed()
         anchor = self.anchor_dir()
         out_dir = self.work_dir / f"candidate-{version}"
         if evaluate is not None:
@@ -580,7 +582,7 @@ class LearnerManager:
             replay_fraction=s.replay_fraction,
             since_sample_id=0 if bundle is not None else self._active_data_through_id(),
             epochs=s.epochs,
-            lr=s.lr,
+            lr=s.lr if frozen_a_seed is None else s.lr_frozen_a,
             batch_size=s.batch_size,
             anchor_lambda=s.anchor_lambda,
             distill_weight=s.distill_weight,
@@ -588,7 +590,7 @@ class LearnerManager:
             threads=s.threads,
             pause_file=str(self._pause_file),
             cancel_file=str(self._cancel_file),
-            frozen_a_seed=self.frozen_a_seed(),
+            frozen_a_seed=frozen_a_seed,
             evaluate_only=evaluate is not None,
             active_bundle_dir=str(self.bundle_dir) if bundle is not None else None,
             active_dir=active_dir if bundle is not None else None,

@@ -302,3 +302,15 @@ def test_fleet_section_needs_a_trusted_key(tmp_path):
     assert any(line.startswith("fleet") and "public_key" in line for line in e.value.errors)
     path.write_text(text + 'public_key_files = ["keys/fleet.pub"]\n')
     assert load_bootstrap(path).fleet.public_key_paths() == [tmp_path / "keys" / "fleet.pub"]
+
+
+def test_the_fleets_frozen_a_trains_at_its_own_learning_rate():
+    from agent.config import RuntimeConfig
+    from agent.daemon.settings import learner_settings
+
+    s = learner_settings(RuntimeConfig.model_validate({"version": 1}))
+    assert (s.lr, s.lr_frozen_a) == (1e-3, 1e-2)
+    s = learner_settings(
+        RuntimeConfig.model_validate({"version": 2, "learning": {"frozen_a_learning_rate": 3e-3}})
+    )
+    assert s.lr_frozen_a == 3e-3

@@ -257,7 +257,7 @@ def round_seed(seed: int, round_no: int, site_index: int) -> int:
     return seed * 100_003 + round_no * 1_009 + site_index
 
 
-def train_config(steps: int, seed: int, threads: int = THREADS, batch_scale: int = 1):
+def train_config(steps: int, seed: int, threads: int = THREADS, batch_scale: int = 1, frozen_a: bool = False):
     """The box's learner settings with a budget of ``steps`` optimizer steps (epochs never bind);
     ``batch_scale`` multiplies the batch (the matched centralized run: N sites' batches in one)."""
     from agent.learner.manager import LearnerSettings
@@ -266,7 +266,9 @@ def train_config(steps: int, seed: int, threads: int = THREADS, batch_scale: int
     s = LearnerSettings()
     return TrainConfig(
         epochs=max(1, steps),  # every epoch has at least one step, so max_steps ends training
-        lr=s.lr,
+        lr=s.lr_frozen_a
+        if frozen_a
+        else s.lr,  # as the box: FFA-LoRA trains B and the head at the larger rate
         batch_size=s.batch_size * batch_scale,
         seed=seed,
         threads=threads,
@@ -701,7 +703,7 @@ def run_federated(
                 labels,
                 out,
                 f"{site.name}-{strategy}-r{r}",
-                train_config(plan.steps, round_seed(seed, r, i)),
+                train_config(plan.steps, round_seed(seed, r, i), frozen_a=spec.freezes_a),
                 init_adapter=current,
                 parent=current.name,
                 frozen_a_seed=fleet.seed if spec.freezes_a else None,
