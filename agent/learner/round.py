@@ -136,21 +136,26 @@ def read_holdout(
     """Holdout rows as (older, recent): recent = arrived after the active adapter's data
     (``id > since_id``), i.e. what the candidate is meant to fix; older = what it must not forget.
     Without a split point (first round) the newest quarter stands in for recent."""
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = con.execute(
-            "SELECT id, text, label FROM samples WHERE split='holdout' ORDER BY id DESC LIMIT ?", (limit,)
-        ).fetchall()
-    finally:
-        con.close()
     known = set(labels)
-    rows = [r for r in reversed(rows) if r[2] in known]
+    rows = [r for r in _newest_samples(db_path, "holdout", limit) if r[2] in known]
     older = [(t, lab) for i, t, lab in rows if i <= since_id]
     recent = [(t, lab) for i, t, lab in rows if i > since_id]
     if not older or not recent:
         cut = len(rows) - max(1, len(rows) // 4)
         older, recent = [(t, lab) for _, t, lab in rows[:cut]], [(t, lab) for _, t, lab in rows[cut:]]
     return older, recent
+
+
+def _newest_samples(db_path: str, split: str, limit: int) -> list[tuple[int, str, str]]:
+    """The newest ``limit`` (id, text, label) rows of ``split``, oldest first (read-only)."""
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute(
+            "SELECT id, text, label FROM samples WHERE split = ? ORDER BY id DESC LIMIT ?", (split, limit)
+        ).fetchall()
+    finally:
+        con.close()
+    return rows[::-1]
 
 
 def read_linear_training_set(
@@ -160,15 +165,12 @@ def read_linear_training_set(
     learner: it refits from scratch on the whole recent history (like the TF-IDF baseline), which
     takes seconds, so it needs no replay. Texts in ``exclude`` (the round's validation rows, on
     which the combination weight is fitted) are left out."""
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = con.execute(
-            "SELECT text, label FROM samples WHERE split='train' ORDER BY id DESC LIMIT ?", (limit,)
-        ).fetchall()
-    finally:
-        con.close()
     known, exclude = set(labels), exclude or set()
-    rows = [(t, lab) for t, lab in reversed(rows) if lab in known and t not in exclude]
+    rows = [
+        (t, lab)
+        for _, t, lab in _newest_samples(db_path, "train", limit)
+        if lab in known and t not in exclude
+    ]
     return [t for t, _ in rows], [lab for _, lab in rows]
 
 
