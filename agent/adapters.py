@@ -13,6 +13,7 @@ serves; they are read and checked here too, so the directory swaps and rolls bac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -93,6 +94,9 @@ class OrtAdapter:
     # gate chose to serve from the directory: "transformer", "linear" or "combined".
     linear: Any = None
     serving: str = "transformer"
+    # sha256 of the LoRA weights file, scale and labels: a unit whose fast learner alone changed (a linear refresh)
+    # swaps in without a new merged session.
+    weights_digest: str = ""
 
     @property
     def version(self) -> str:
@@ -102,7 +106,7 @@ class OrtAdapter:
 def read_adapter(adapter_dir: Path, bundle: BundleManifest) -> OrtAdapter:
     """Load, check and convert a PEFT adapter directory for ``bundle``; raise ``AdapterError``."""
     adapter_dir = Path(adapter_dir)
-    meta = _read_meta(adapter_dir)
+    meta = read_meta(adapter_dir)
     if meta.base_hash != bundle.base_hash:
         raise AdapterError(
             f"adapter {meta.version} was trained on base {meta.base_hash[:12]}, this bundle is {bundle.base_hash[:12]}"
@@ -110,6 +114,10 @@ def read_adapter(adapter_dir: Path, bundle: BundleManifest) -> OrtAdapter:
     cfg = _read_json(adapter_dir / PEFT_CONFIG)
     scale = _lora_scale(cfg)
     tensors = _read_tensors(adapter_dir / WEIGHTS)
+    with open(adapter_dir / WEIGHTS, "rb") as f:
+        h = hashlib.file_digest(f, "sha256")
+    h.update(json.dumps([scale, meta.labels], sort_keys=True).encode())
+    digest = h.hexdigest()
     labels = meta.labels or bundle.labels
     arrays = to_ort_arrays(tensors, bundle, scale, labels)
     from agent.linear import read_linear, read_serving
@@ -118,7 +126,7 @@ def read_adapter(adapter_dir: Path, bundle: BundleManifest) -> OrtAdapter:
     serving = read_serving(adapter_dir)
     if serving != "transformer" and linear is None:
         raise AdapterError(f"adapter {meta.version} is to serve {serving!r} but carries no linear model")
-    return OrtAdapter(meta, arrays, linear, serving)
+    return OrtAdapter(meta, arrays, linear, serving, digest)
 
 
 def peft_target_modules(targets: list[LoraTarget]) -> str:
@@ -278,7 +286,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_meta(adapter_dir: Path) -> AdapterMeta:
+def read_meta(adapter_dir: Path) -> AdapterMeta:
     return AdapterMeta.from_json(_read_json(adapter_dir / META))
 
 

@@ -368,6 +368,16 @@ class LearningSettings(_RuntimeSection):
         description="fit the fast linear learner (hashed n-grams) beside each round; the gate then "
         "chooses what serves among transformer, linear and combined",
     )
+    fast_learner_refresh_samples: int = Field(
+        50,
+        ge=0,
+        le=1_000_000,
+        description="between rounds, refit the fast learner alone once this many new labeled samples "
+        "arrived (0: only with rounds); the same gate judges it, its LoRA weights stay",
+    )
+    fast_learner_refresh_interval_s: float = Field(
+        30.0, ge=0, le=7 * 86400, description="least time between two fast-learner refreshes"
+    )
     replay_fraction: float = Field(
         0.5, ge=0, lt=1, description="share of each round's data replayed from older samples, class-balanced"
     )

@@ -126,6 +126,7 @@ class _Active:
     lean: ort.InferenceSession | None = None  # fewer threads, while a learner round runs
     linear: LinearModel | None = None  # the fast learner from the adapter's directory
     model: str = "transformer"  # what answers: "transformer" | "linear" | "combined"
+    weights_digest: str = ""  # the LoRA weights' (OrtAdapter.weights_digest)
 
     @property
     def runner(self) -> ort.InferenceSession:
@@ -499,6 +500,8 @@ class InferenceEngine:
 
     # ---- adapters -------------------------------------------------------------------------
     def _activate(self, adapter: OrtAdapter, queue_merge: bool = True) -> int:
+        if self._swap_fast_learner(adapter):
+            return self._active.generation
         path = self._work_dir / f"adapter-{next(self._adapter_seq)}.onnx_adapter"
         write_ort_adapter(adapter, path)
         handle = ort.LoraAdapter()
@@ -534,6 +537,7 @@ class InferenceEngine:
             path,
             linear=adapter.linear,
             model=adapter.serving,
+            weights_digest=adapter.weights_digest,
         )
         old = self._swap(new)
         with self._jobs:
@@ -545,6 +549,35 @@ class InferenceEngine:
             self._jobs.notify_all()
         log.info("adapter %s active, %s answers (previous %s)", adapter.version, adapter.serving, old.version)
         return gen
+
+    def _swap_fast_learner(self, adapter: OrtAdapter) -> bool:
+        """A unit with the serving LoRA weights and only a new fast learner (a linear refresh):
+        the sessions, merged or not, and any build for them stay; the linear model, what answers
+        and the version (the cache's key) change at once. False when the weights differ."""
+        labels = adapter.meta.labels or list(self.manifest.labels)
+        if adapter.linear is not None and adapter.linear.labels != labels:
+            raise AdapterError(f"adapter {adapter.version}: linear model labels differ from the adapter's")
+        with self._swap_lock:
+            current = self._active
+            if (
+                not adapter.weights_digest
+                or current.weights_digest != adapter.weights_digest
+                or current.labels != labels
+                or current.path == "base"
+            ):
+                return False
+            self._active = replace(
+                current, version=adapter.version, linear=adapter.linear, model=adapter.serving
+            )
+        if adapter.version == current.version:  # answers are cached per version
+            self._cache.clear()
+        log.info(
+            "adapter %s active: same LoRA weights as %s, new fast learner, %s answers",
+            adapter.version,
+            current.version,
+            adapter.serving,
+        )
+        return True
 
     def _swap(self, new: _Active) -> _Active:
         with self._swap_lock:

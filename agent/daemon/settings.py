@@ -114,6 +114,8 @@ def learner_settings(runtime: RuntimeConfig) -> LearnerSettings:
         keep_versions=ls.keep_versions,
         min_interval_s=ls.min_interval_s,
         linear=ls.fast_learner,
+        linear_refresh_samples=ls.fast_learner_refresh_samples,
+        linear_refresh_interval_s=ls.fast_learner_refresh_interval_s,
     )
 
 

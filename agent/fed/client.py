@@ -421,7 +421,7 @@ class SyncClient:
         for key in dropped:
             self.counters.inc("sync_outbox_dropped", "quota")
             log.warning("outbox over its quota: upload %s dropped unsent", key)
-        self.store.set_sync_state("uploaded_version", version)
+        self.store.set_sync_state("uploaded_version", self.learner.lora_version(version))
         self.store.set_sync_state("last_upload_at", str(clock.time()))
         self.counters.inc("sync_uploads", "queued")
         log.info(
@@ -445,8 +445,12 @@ class SyncClient:
         info = self.learner.version_info(version)
         if info is None or info.get("origin") != "local":
             return "no adapter trained on this box since the last global"
-        if self.store.sync_state("uploaded_version") == version:
-            return f"adapter {version} was uploaded already"
+        lora = self.learner.lora_version(version)
+        if self.store.sync_state("uploaded_version") == lora:
+            # A fast-learner refresh keeps its round's LoRA weights: they went up once already.
+            return f"adapter {version} was uploaded already" + (
+                f" (its LoRA is {lora}'s)" if lora != version else ""
+            )
         last = float(self.store.sync_state("last_upload_at") or 0)
         if not self._send_now and clock.time() - last < sync.upload_interval_s:
             return f"last upload {clock.time() - last:.0f}s ago (sync.upload_interval_s {sync.upload_interval_s})"

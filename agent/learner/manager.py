@@ -22,7 +22,7 @@ from agent.adapters import AdapterError
 from agent.bundle import load_manifest
 from agent.learner import policy
 from agent.learner.round import RoundSpec, report_from_dict, run_round_process
-from agent.linear import write_serving
+from agent.linear import LINEAR_CONFIG, write_serving
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ class LearnerSettings:
     # Fit the fast linear learner beside each LoRA round; the gate then chooses per box among
     # transformer, linear and combined (agent.linear, policy.serving_choice).
     linear: bool = True
+    # Between rounds, the fast learner alone is refit once this many new train samples arrived
+    # (0: only with rounds), at most every ``linear_refresh_interval_s``: a refresh is seconds,
+    # a round minutes, and a drifted stream's new words reach the answers 50 samples later.
+    linear_refresh_samples: int = 50
+    linear_refresh_interval_s: float = 30.0
 
 
 class LearnerManager:
@@ -125,6 +130,7 @@ class LearnerManager:
         self._origin = "local"
         self._manual = False
         self._last_round_end = 0.0
+        self._last_refresh_end = 0.0
         self._last_refusal: str | None = None
         self._last_schedule_key: str | None = None
         self.counters = {
@@ -134,6 +140,9 @@ class LearnerManager:
             "failed": 0,
             "cancelled": 0,
             "rollbacks": 0,
+            # Fast-learner refreshes between rounds (not counted in the round counters above).
+            "refreshes": 0,
+            "refreshes_promoted": 0,
         }
         with self._db() as con:
             con.executescript(REGISTRY_SCHEMA)
@@ -177,6 +186,17 @@ class LearnerManager:
         with self._db() as con:
             row = con.execute("SELECT * FROM adapter_versions WHERE version = ?", (version,)).fetchone()
         return dict(row) if row else None
+
+    def lora_version(self, version: str | None) -> str | None:
+        """The version whose LoRA weights ``version`` serves: itself, or for a fast-learner refresh
+        the round it refreshed (federation uploads each LoRA once, whatever refreshed it since)."""
+        info = self.version_info(version)
+        if info is None or not info.get("metrics"):
+            return version
+        try:
+            return json.loads(info["metrics"]).get("lora_of") or version
+        except (ValueError, AttributeError):
+            return version
 
     def restore_active(self) -> str | None:
         """After a restart: activate the promoted adapter recorded in SQLite if its files are
@@ -246,9 +266,14 @@ class LearnerManager:
             return
         self._check_rollback()
         reason = self._training_reason(now)
-        if reason is None:
-            return
-        if not self._manual and now - self._last_round_end < self.settings.min_interval_s:
+        if (
+            reason is not None
+            and not self._manual
+            and now - self._last_round_end < self.settings.min_interval_s
+        ):
+            reason = None
+        refresh = None if reason is not None else self._refresh_reason(now)
+        if reason is None and refresh is None:
             return
         refusal = policy.resource_refusal(self._resources(), self.settings.limits)
         if refusal and not self._manual:
@@ -256,7 +281,10 @@ class LearnerManager:
                 log.info("learner waits: %s", refusal)
                 self._last_refusal = refusal
             return
-        self._start_round(reason)
+        if reason is not None:
+            self._start_round(reason)
+        elif refresh is not None:
+            self._start_refresh(refresh)
 
     def train_now(self) -> dict[str, Any]:
         if self._proc is not None:
@@ -552,11 +580,50 @@ class LearnerManager:
         else:
             self._pause_file.unlink(missing_ok=True)
 
+    def _refresh_reason(self, now: float) -> str | None:
+        """Why the active unit's fast learner is refit now, or None: enough new train samples since
+        the last fit (a round's or a refresh's), the interval passed, and a unit with a linear
+        model to refresh (the first round makes one)."""
+        s = self.settings
+        if not s.linear or s.linear_refresh_samples <= 0:
+            return None
+        if now - self._last_refresh_end < s.linear_refresh_interval_s:
+            return None
+        active = self.active_version()
+        if active is None or not (self.adapters_dir / active / LINEAR_CONFIG).exists():
+            return None
+        since = int(self._state("linear_through_id", "0") or 0)
+        with self._db() as con:
+            new = con.execute(
+                "SELECT COUNT(*) FROM samples WHERE split='train' AND id > ?", (since,)
+            ).fetchone()[0]
+        return f"new_samples:{new}" if new >= s.linear_refresh_samples else None
+
+    def _start_refresh(self, reason: str) -> None:
+        """The active unit again with a refit fast learner, judged by the gate like a round's
+        candidate (``round.run_linear_refresh``); its registry origin is its parent's, since its
+        LoRA weights are."""
+        active = self.active_version()
+        assert active is not None
+        info = self.version_info(active) or {}
+        self.counters["refreshes"] += 1
+        version = f"v{int(time.time())}-f{self.counters['refreshes']}"
+        self._start_round(
+            reason,
+            evaluate=(self.adapters_dir / active, version, str(info.get("origin") or "local")),
+            refresh=True,
+        )
+
     def _start_round(
-        self, reason: str, evaluate: tuple[Path, str, str] | None = None, bundle: Path | None = None
+        self,
+        reason: str,
+        evaluate: tuple[Path, str, str] | None = None,
+        bundle: Path | None = None,
+        refresh: bool = False,
     ) -> None:
-        """A training round; with ``evaluate`` = (dir, version, origin) an evaluation-only one; with
-        ``bundle`` a first adapter for that new base, judged against the serving bundle and adapter."""
+        """A training round; with ``evaluate`` = (dir, version, origin) an evaluation-only one (with
+        ``refresh``, of the active unit with a refit fast learner); with ``bundle`` a first adapter
+        for that new base, judged against the serving bundle and adapter."""
         active = self.active_version()
         version = evaluate[1] if evaluate else f"v{int(time.time())}-{self.counters['rounds'] + 1}"
         origin = evaluate[2] if evaluate else ("bundle" if bundle is not None else "local")
@@ -595,6 +662,7 @@ class LearnerManager:
             active_bundle_dir=str(self.bundle_dir) if bundle is not None else None,
             active_dir=active_dir if bundle is not None else None,
             linear=s.linear,
+            linear_refresh=refresh,
         )
         self._cancel_file.unlink(missing_ok=True)
         proc = mp.get_context("spawn").Process(
@@ -610,10 +678,12 @@ class LearnerManager:
         # The round shares the box's cores: the engine serves on fewer threads until it ends.
         self.engine.set_background_load(True)
         self._origin = origin
-        self.counters["rounds"] += 1
-        log.info("learner round %s started (%s), parent %s, pid %s", version, reason, active, proc.pid)
+        event = "refresh" if refresh else "round"
+        if not refresh:
+            self.counters["rounds"] += 1
+        log.info("learner %s %s started (%s), parent %s, pid %s", event, version, reason, active, proc.pid)
         self.publish(
-            "round_started", {"version": version, "reason": reason, "parent": active, "origin": origin}
+            f"{event}_started", {"version": version, "reason": reason, "parent": active, "origin": origin}
         )
 
     def _finish_round(self) -> None:
@@ -622,7 +692,12 @@ class LearnerManager:
         proc.join(1)
         self._proc, self._spec = None, None
         self.engine.set_background_load(False)
-        self._last_round_end = time.time()
+        refresh = spec.linear_refresh
+        event = "refresh" if refresh else "round"
+        if refresh:
+            self._last_refresh_end = time.time()
+        else:
+            self._last_round_end = time.time()
         self._pause_file.unlink(missing_ok=True)
         self._cancel_file.unlink(missing_ok=True)
         result_path = Path(spec.result_path)
@@ -636,9 +711,14 @@ class LearnerManager:
             }
         result_path.unlink(missing_ok=True)
         status = result.get("status")
+        fit_through = (result.get("linear") or {}).get("max_sample_id")
+        if fit_through:  # the fast learner saw samples up to here: refreshes count after it
+            with self._db() as con:
+                self._set_state(con, "linear_through_id", str(int(fit_through)))
         if status != "trained":
-            key = {"cancelled": "cancelled", "no_data": "cancelled"}.get(status, "failed")
-            self.counters[key] += 1
+            if not refresh:
+                key = {"cancelled": "cancelled", "no_data": "cancelled"}.get(status, "failed")
+                self.counters[key] += 1
             shutil.rmtree(candidate_dir, ignore_errors=True)
             if self._origin == "bundle" and self._bundle_job is not None:
                 _, on_done = self._bundle_job
@@ -655,9 +735,9 @@ class LearnerManager:
                         0,
                     )
                 )
-            log.warning("learner round %s: %s %s", spec.version, status, result.get("message", ""))
+            log.warning("learner %s %s: %s %s", event, spec.version, status, result.get("message", ""))
             self.publish(
-                "round_finished",
+                f"{event}_finished",
                 {"version": spec.version, "status": status, "message": result.get("message")},
             )
             return
@@ -674,6 +754,8 @@ class LearnerManager:
             "seconds": result.get("seconds"),
             "peak_rss_mb": result.get("peak_rss_mb"),
         }
+        if refresh and spec.parent_dir:
+            metrics["lora_of"] = self.lora_version(Path(spec.parent_dir).name)
         if self._origin == "bundle" and self._bundle_job is not None:
             _, on_done = self._bundle_job
             self._bundle_job = None
@@ -706,7 +788,7 @@ class LearnerManager:
             return
         decision = self._register(spec, result, decision, metrics, candidate_dir)
         self.publish(
-            "round_finished",
+            f"{event}_finished",
             {
                 "version": spec.version,
                 "origin": self._origin,
@@ -793,11 +875,12 @@ class LearnerManager:
                 self._set_state(con, "promoted_at", str(now))
             con.execute("COMMIT")
         if decision.promote:
-            self.counters["promoted"] += 1
+            self.counters["refreshes_promoted" if spec.linear_refresh else "promoted"] += 1
             log.info("adapter %s promoted (parent %s)", spec.version, parent)
             self._prune()
         else:
-            self.counters["rejected"] += 1
+            if not spec.linear_refresh:
+                self.counters["rejected"] += 1
             shutil.rmtree(candidate_dir, ignore_errors=True)
             if final_dir.exists() and not decision.promote:
                 shutil.rmtree(final_dir, ignore_errors=True)

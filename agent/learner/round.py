@@ -17,7 +17,7 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +70,9 @@ class RoundSpec:
     linear: bool = True
     linear_max_samples: int = 20000
     linear_n_features: int = 1 << 17
+    # A refresh of the active unit's fast learner between rounds (the unit copied into out_dir):
+    # no training of the transformer, a new linear model on every sample so far, the same gate.
+    linear_refresh: bool = False
 
 
 @dataclass
@@ -165,30 +168,40 @@ def read_linear_training_set(
     learner: it refits from scratch on the whole recent history (like the TF-IDF baseline), which
     takes seconds, so it needs no replay. Texts in ``exclude`` (the round's validation rows, on
     which the combination weight is fitted) are left out."""
+    rows = _linear_rows(db_path, labels, limit, exclude)
+    return [t for _, t, _ in rows], [lab for _, _, lab in rows]
+
+
+def _linear_rows(
+    db_path: str, labels: list[str], limit: int, exclude: set[str] | None
+) -> list[tuple[int, str, str]]:
     known, exclude = set(labels), exclude or set()
-    rows = [
-        (t, lab)
-        for _, t, lab in _newest_samples(db_path, "train", limit)
+    return [
+        (i, t, lab)
+        for i, t, lab in _newest_samples(db_path, "train", limit)
         if lab in known and t not in exclude
     ]
-    return [t for t, _ in rows], [lab for _, lab in rows]
 
 
 def fit_linear_from_db(
     db_path: str, labels: list[str], limit: int, exclude: set[str] | None = None, n_features: int = 1 << 17
 ) -> tuple[LinearModel | None, dict[str, Any]]:
-    """The fast learner refit from SQLite; None (and why) when the samples hold fewer than two classes."""
+    """The fast learner refit from SQLite; None (and why) when the samples hold fewer than two
+    classes. The info holds ``max_sample_id``, the newest sample it saw (the refresh trigger counts
+    from there)."""
     from agent.linear import LinearConfig, fit_linear
 
     t0 = time.perf_counter()
-    texts, labs = read_linear_training_set(db_path, labels, limit, exclude)
+    rows = _linear_rows(db_path, labels, limit, exclude)
+    texts, labs = [t for _, t, _ in rows], [lab for _, _, lab in rows]
+    max_id = max((i for i, _, _ in rows), default=0)
     try:
         model = fit_linear(texts, labs, labels, LinearConfig(list(labels), n_features=n_features))
     except ValueError as e:
-        return None, {"skipped": str(e), "samples": len(texts)}
+        return None, {"skipped": str(e), "samples": len(texts), "max_sample_id": max_id}
     seconds = time.perf_counter() - t0
     log.info("linear model fit on %d samples in %.2fs", len(texts), seconds)
-    return model, {"samples": len(texts), "fit_seconds": round(seconds, 3)}
+    return model, {"samples": len(texts), "fit_seconds": round(seconds, 3), "max_sample_id": max_id}
 
 
 def evaluate_models(
@@ -201,10 +214,11 @@ def evaluate_models(
 ) -> tuple[dict[str, dict[str, EvalReport]], float]:
     """Transformer, linear and combined on each slice with the serving runtime (see
     ``evaluate_models_on``), on an engine opened for ``adapter_dir``."""
-    from agent.engine import EngineConfig, InferenceEngine
+    from agent.engine import InferenceEngine
 
-    cfg = EngineConfig(precision=precision, provider="cpu", cache_size=0, intra_op_threads=1)
-    with InferenceEngine.open(Path(bundle_dir), cfg, adapter_dir=Path(adapter_dir)) as engine:
+    with InferenceEngine.open(
+        Path(bundle_dir), _eval_config(precision), adapter_dir=Path(adapter_dir)
+    ) as engine:
         return evaluate_models_on(engine, slices, linear, val)
 
 
@@ -217,7 +231,7 @@ def evaluate_models_on(
     """Transformer (what ``engine`` has active), linear and combined on each slice from one
     transformer pass per slice; the combination weight fitted on ``val`` (rows neither model
     trained on) first, the model's own without. Returns the reports per model and the weight."""
-    from agent.linear import combine_log_probs, fit_weight
+    from agent.linear import fit_weight
 
     labels = linear.labels
     if engine.labels != labels:
@@ -227,27 +241,54 @@ def evaluate_models_on(
     if val is not None and val[0]:
         y = np.array([index[lab] for lab in val[1]])
         weight = fit_weight(engine.transformer_logits(val[0]), linear.log_proba(val[0]), y)
+    logits = transformer_logits_of(engine, slices)
+    return model_reports(logits, slices, linear, weight), weight
+
+
+def _eval_config(precision: str) -> Any:
+    """The learner's evaluation engine: the serving graph on one thread, every text run (no cache)
+    and no merged session (one pass over the holdout does not repay its build: ~0.4 GB of RSS
+    and seconds of CPU beside the daemon)."""
+    from agent.engine import EngineConfig
+
+    return EngineConfig(
+        precision=precision, provider="cpu", cache_size=0, intra_op_threads=1, merge_adapters=False
+    )
+
+
+def transformer_logits_of(engine: Any, slices: dict[str, list[tuple[str, str]]]) -> dict[str, np.ndarray]:
+    return {name: engine.transformer_logits([t for t, _ in rows]) for name, rows in slices.items() if rows}
+
+
+def model_reports(
+    logits: dict[str, np.ndarray],
+    slices: dict[str, list[tuple[str, str]]],
+    linear: LinearModel,
+    weight: float,
+) -> dict[str, dict[str, EvalReport]]:
+    """Per model (transformer, linear, combined at ``weight``), its report on each slice, from the
+    transformer's logits on those slices."""
+    from agent.linear import combine_log_probs
+
+    labels = linear.labels
     out: dict[str, dict[str, EvalReport]] = {"transformer": {}, "linear": {}, "combined": {}}
-    for name, rows in slices.items():
-        if not rows:
-            continue
-        texts, truth = [t for t, _ in rows], [lab for _, lab in rows]
-        logits, lin = engine.transformer_logits(texts), linear.log_proba(texts)
-        comb = combine_log_probs(logits, lin, weight)
-        for model, z in (("transformer", logits), ("linear", lin), ("combined", comb)):
+    for name, z_t in logits.items():
+        texts, truth = [t for t, _ in slices[name]], [lab for _, lab in slices[name]]
+        lin = linear.log_proba(texts)
+        comb = combine_log_probs(z_t, lin, weight)
+        for model, z in (("transformer", z_t), ("linear", lin), ("combined", comb)):
             out[model][name] = evaluate([labels[i] for i in z.argmax(axis=1)], truth)
-    return out, weight
+    return out
 
 
 def evaluate_adapter(
     bundle_dir: str, adapter_dir: str | None, precision: str, slices: dict[str, list[tuple[str, str]]]
 ) -> dict[str, EvalReport]:
     """Accuracy per slice with the serving runtime (ONNX Runtime), as the box would answer."""
-    from agent.engine import EngineConfig, InferenceEngine
+    from agent.engine import InferenceEngine
 
-    cfg = EngineConfig(precision=precision, provider="cpu", cache_size=0, intra_op_threads=1)
     adapter = Path(adapter_dir) if adapter_dir else None
-    with InferenceEngine.open(Path(bundle_dir), cfg, adapter_dir=adapter) as engine:
+    with InferenceEngine.open(Path(bundle_dir), _eval_config(precision), adapter_dir=adapter) as engine:
         out = {}
         for name, rows in slices.items():
             if not rows:
@@ -262,6 +303,8 @@ def run_round(spec: RoundSpec) -> RoundResult:
     from agent.learner.train import TrainConfig, TrainingCancelled, train_adapter
 
     labels = load_manifest(Path(spec.bundle_dir)).labels
+    if spec.linear_refresh:
+        return run_linear_refresh(spec, labels)
     if spec.evaluate_only:
         result = RoundResult("trained", spec.version, max_sample_id=0)
         # The fleet's adapter is judged with the box's own fast learner beside it, refit here: the
@@ -339,6 +382,58 @@ def run_round(spec: RoundSpec) -> RoundResult:
         )
     _evaluate(spec, labels, result, linear, val)
     result.status, result.steps, result.seconds = "trained", tr.steps, tr.seconds
+    return result
+
+
+def run_linear_refresh(spec: RoundSpec, labels: list[str]) -> RoundResult:
+    """A new fast learner for the active unit (copied into ``out_dir``) without training the
+    transformer: the linear model refit on every train sample so far, at the unit's combination
+    weight (fitted on its round's validation rows, which a 50-sample refresh has too few of);
+    the unit's transformer, the new linear model and their combination evaluated on the holdout
+    slices beside what the unit serves now (``active``), from one transformer pass.
+    Seconds: the drifted stream's new words reach the box's answers between rounds."""
+    from agent.adapters import read_meta, write_meta
+    from agent.engine import InferenceEngine
+    from agent.linear import read_linear, read_serving, save_linear
+
+    out = Path(spec.out_dir)
+    result = RoundResult("no_data", spec.version)
+    current = read_linear(out, labels)
+    if current is None:
+        result.message = "the active adapter has no linear model to refresh"
+        return result
+    serving = read_serving(out)
+    linear, result.linear = fit_linear_from_db(
+        spec.db_path, labels, spec.linear_max_samples, None, spec.linear_n_features
+    )
+    if linear is None:
+        result.message = str(result.linear.get("skipped"))
+        return result
+    linear.config.weight = current.config.weight
+    linear.config.version = spec.version
+    older, recent = read_holdout(spec.db_path, labels, spec.since_sample_id)
+    slices = {"older": older, "recent": recent, "all": older + recent}
+    with InferenceEngine.open(Path(spec.bundle_dir), _eval_config(spec.precision), adapter_dir=out) as engine:
+        logits = transformer_logits_of(engine, slices)
+    models = model_reports(logits, slices, linear, linear.config.weight)
+    linear.config.metrics = {m: {k: r.accuracy for k, r in reports.items()} for m, reports in models.items()}
+    save_linear(out, linear)
+    # The unit is a new version (predictions, the cache and the registry name it); its LoRA
+    # weights stay those of the version it refreshes, named in ``parent``.
+    meta = read_meta(out)
+    write_meta(out, replace(meta, version=spec.version, parent=meta.version))
+    result.candidate_models = {m: {k: asdict(v) for k, v in r.items()} for m, r in models.items()}
+    result.candidate = result.candidate_models["transformer"]
+    now = model_reports(logits, slices, current, current.config.weight)[serving]
+    result.active = {k: asdict(v) for k, v in now.items()}
+    result.linear["weight"] = linear.config.weight
+    result.status = "trained"
+    log.info(
+        "refresh %s: linear model on %d samples, evaluated on %d holdout rows",
+        spec.version,
+        result.linear.get("samples", 0),
+        len(older) + len(recent),
+    )
     return result
 
 

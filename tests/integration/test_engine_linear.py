@@ -90,3 +90,53 @@ def test_combined_answers_survive_the_merge(tiny_bundle, random_adapter, linear,
         engine.wait_merged()
         assert engine.serving_path == "merged"
         assert {p.model for p in engine.predict(TEXTS)} == {"combined"}
+
+
+def test_a_new_fast_learner_on_the_same_weights_keeps_the_merged_session(
+    tiny_bundle, random_adapter, linear, tmp_path
+):
+    """A fast-learner refresh (same LoRA weights, new linear model and version) swaps at once: no
+    second merged session is built, the answers come from the new linear model and version."""
+    from agent.adapters import read_meta, write_meta
+
+    cfg = EngineConfig(precision="fp32", cache_size=64, merge_delay_s=0.0)
+    rows = keyword_samples(200, seed=3)
+    refit = fit_linear(
+        [t for t, _ in rows],
+        [lab for _, lab in rows],
+        TINY_LABELS,
+        LinearConfig(TINY_LABELS, n_features=1 << 12),
+    )
+    with InferenceEngine.open(tiny_bundle, cfg) as engine:
+        engine.activate_adapter(_unit(random_adapter, linear, tmp_path, "combined"))
+        engine.wait_merged()
+        before = engine.stats()["merge"]
+        first = engine.adapter_version
+        engine.predict(TEXTS)  # cached under the first version
+
+        refreshed = tmp_path / "refreshed"
+        shutil.copytree(tmp_path / "unit-combined", refreshed)
+        save_linear(refreshed, refit)
+        write_serving(refreshed, "linear")
+        meta = read_meta(refreshed)
+        meta.version, meta.parent = f"{meta.version}-f1", meta.version
+        write_meta(refreshed, meta)
+        engine.activate_adapter(refreshed)
+        assert engine.adapter_version == f"{first}-f1" and engine.serving_path == "merged"
+        assert engine.stats()["merge"]["switched"] == before["switched"]  # no new build
+        preds = engine.predict(TEXTS)
+        assert {p.model for p in preds} == {"linear"} and {p.adapter_version for p in preds} == {
+            f"{first}-f1"
+        }
+        assert [p.label for p in preds] == refit.predict(TEXTS)
+
+        # Other LoRA weights take the full path again: a new merged session.
+        other = tmp_path / "other"
+        shutil.copytree(refreshed, other)
+        from safetensors.numpy import load_file, save_file
+
+        w = load_file(str(other / "adapter_model.safetensors"))
+        save_file({k: v * 1.5 for k, v in w.items()}, str(other / "adapter_model.safetensors"))
+        engine.activate_adapter(other)
+        engine.wait_merged()
+        assert engine.stats()["merge"]["switched"] == before["switched"] + 1

@@ -190,3 +190,44 @@ def test_restart_with_a_corrupt_active_adapter_serves_the_newest_intact_one(setu
         status = {v["version"]: v["status"] for v in again.versions()}
         assert status == {first: "promoted", second: "rolled_back"}
         assert events[-1][0] == "rollback" and events[-1][1]["from"] == second
+
+
+def test_fast_learner_refresh_between_rounds(setup):
+    """50 new samples after a round: the fast learner alone is refit (seconds, no training), gated,
+    and served as a new version on the same LoRA weights; the LoRA trigger still counts them."""
+    store, engine, manager, events = setup
+    manager.settings.linear_refresh_samples, manager.settings.linear_refresh_interval_s = 50, 0.0
+    store.write(make_samples(300, seed=7), holdout_fraction=0.2)
+    wait_round(manager)
+    first = manager.active_version()
+    assert first is not None and manager.counters["refreshes"] == 0
+    since = manager._since_id()
+    wait_round(manager)  # nothing new: no refresh, no round
+    assert manager.counters["refreshes"] == 0 and manager.active_version() == first
+
+    store.write(make_samples(80, seed=8), holdout_fraction=0.2)  # ~64 train rows: >= 50, < 150
+    wait_round(manager)
+    assert [e for e, _ in events[-2:]] == ["refresh_started", "refresh_finished"], events
+    assert events[-1][1]["status"] == "promoted", events[-1]
+    refreshed = manager.active_version()
+    assert refreshed != first and engine.adapter_version == refreshed
+    assert manager.counters["rounds"] == 1 and manager.counters["refreshes_promoted"] == 1
+    info = manager.version_info(refreshed)
+    assert info["parent"] == first and info["origin"] == "local"
+    assert manager.lora_version(refreshed) == first  # federation uploads the round's LoRA once
+    old, new = manager.adapters_dir / first, manager.adapters_dir / refreshed
+    assert (old / "adapter_model.safetensors").read_bytes() == (
+        new / "adapter_model.safetensors"
+    ).read_bytes()
+    n_old = json.loads((old / "linear_config.json").read_text())["num_examples"]
+    assert json.loads((new / "linear_config.json").read_text())["num_examples"] > n_old
+    # The refresh does not consume the LoRA trigger or move the data lineage.
+    assert manager._since_id() == since
+    assert info["data_to_id"] == manager.version_info(first)["data_to_id"]
+    answer = engine.predict(["breaker tripped on machine M3 line 2"])[0]
+    assert answer.adapter_version == refreshed and answer.model == engine.serving_model
+
+    # Below the refresh threshold nothing starts; a rollback returns to the round's unit.
+    wait_round(manager)
+    assert manager.counters["refreshes"] == 1
+    assert manager.rollback()["to"] == first and engine.adapter_version == first
