@@ -587,6 +587,7 @@ def run_online(
     work: Path,
     seed: int,
     fast: bool = False,
+    refresh_every: int | None = None,
 ) -> dict[str, Any]:
     """Prequential online learning over the chunks (see the module docstring) for one variant.
 
@@ -600,6 +601,10 @@ def run_online(
     from agent.linear import save_linear, write_serving
 
     gate = GatePolicy()
+    if refresh_every is None:
+        from agent.learner.manager import LearnerSettings
+
+        refresh_every = LearnerSettings().linear_refresh_samples
     active = base_dir
     vdir = work / "adapters" / variant.name
     seen_train = list(split.pre_train)
@@ -625,18 +630,53 @@ def run_online(
     pending_holdout: list[Row] = []
     correct: list[tuple[int, int]] = []
     rounds: list[dict[str, Any]] = []
+    refreshes: list[dict[str, Any]] = []
     for k, chunk in enumerate(split.chunks):
         if fast:
-            counts = prequential_models(ev, active, unit_linear, latest_linear, chunk)
+            # As the daemon's fast-learner refresh between rounds: every ``refresh_every`` rows of
+            # the chunk are predicted by the unit of the moment, then become labeled data and the
+            # unit's linear model is refit on every train row so far and gated; the round comes
+            # after the chunk's last rows, as before.
+            served_models.append(unit_serving)
+            counts = {m: (0, 0) for m in ("transformer", "linear", "combined", "fast")}
+            served = (0, 0)
+            pieces = _pieces(chunk, split.chunk_holdout[k], refresh_every)
+            got_train: list[Row] = []
+            got_holdout: list[Row] = []
+            for j, (rows, flags) in enumerate(pieces):
+                c = prequential_models(ev, active, unit_linear, latest_linear, rows)
+                counts = {m: (counts[m][0] + c[m][0], counts[m][1] + c[m][1]) for m in counts}
+                served = (served[0] + c[unit_serving][0], served[1] + c[unit_serving][1])
+                got_train += [r for r, h in zip(rows, flags, strict=True) if not h]
+                got_holdout += [r for r, h in zip(rows, flags, strict=True) if h]
+                if j == len(pieces) - 1 or unit_linear is None:
+                    continue
+                older, recent = holdout_slices(holdout, pending_holdout + got_holdout)
+                fresh = linear_refresh(
+                    ev,
+                    active,
+                    unit_linear,
+                    unit_serving,
+                    seen_train + got_train,
+                    older,
+                    recent,
+                    labels,
+                    vdir / f"r{k}-f{j}",
+                    gate,
+                )
+                refreshes.append({"chunk": k, "piece": j, **fresh["record"]})
+                latest_linear = fresh["linear"]
+                if fresh["promote"]:
+                    active, unit_linear, unit_serving = fresh["unit"], fresh["linear"], fresh["serving"]
             correct.append(counts["transformer"])
             for m in ("linear", "combined", "fast"):
                 models_correct[m].append(counts[m])
-            models_correct["served"].append(counts[unit_serving])
-            served_models.append(unit_serving)
+            models_correct["served"].append(served)
             log(
                 f"[{variant.name}] chunk {k}: transformer {_acc(counts['transformer']):.3f}, fast "
                 f"{_acc(counts['fast']):.3f}, combined {_acc(counts['combined']):.3f}, served "
-                f"{unit_serving} {_acc(counts[unit_serving]):.3f}"
+                f"{_acc(served):.3f} (now {unit_serving}; {sum(r['promoted'] for r in refreshes if r['chunk'] == k)}"
+                f"/{len(pieces) - 1} refreshes promoted)"
             )
         else:
             correct.append(ev.correct(active, chunk))
@@ -745,6 +785,9 @@ def run_online(
             "fast_chunk_acc": chunk_accuracies(models_correct["fast"]),
             "combined_chunk_acc": chunk_accuracies(models_correct["combined"]),
             "served_models": served_models,
+            "refresh_every": refresh_every,
+            "refreshes": refreshes,
+            "refreshes_promoted": sum(r["promoted"] for r in refreshes),
             "served_acc_post_test": _acc(post[unit_serving]),
             "served_acc_pre_test": _acc(pre[unit_serving]),
             "fast_acc_post_test": _acc(post["fast"]),
@@ -867,6 +910,67 @@ def base_fast_unit(
             "models_all": {m: r["all"].accuracy for m, r in models.items()},
         },
     )
+
+
+def _pieces(rows: Sequence[Row], flags: Sequence[bool], size: int) -> list[tuple[list[Row], list[bool]]]:
+    """``rows`` (and their holdout flags) in consecutive pieces of ``size``; one piece when 0."""
+    size = size if size > 0 else max(1, len(rows))
+    return [(list(rows[i : i + size]), list(flags[i : i + size])) for i in range(0, len(rows), size)]
+
+
+def linear_refresh(
+    ev: Evaluator,
+    unit: Path,
+    unit_linear: Any,
+    unit_serving: str,
+    train_rows: Sequence[Row],
+    older: Sequence[Row],
+    recent: Sequence[Row],
+    labels: list[str],
+    out_dir: Path,
+    gate: Any,
+) -> dict[str, Any]:
+    """``round.run_linear_refresh`` and the manager's gate on it, in process: the unit's linear model
+    refit on ``train_rows`` at the unit's weight, the candidate's choice among transformer, linear
+    and combined gated against what the unit serves; a promoted one becomes a new unit directory."""
+    from agent.adapters import read_meta, write_meta
+    from agent.learner.policy import promotion_decision, serving_choice
+    from agent.learner.round import model_reports, transformer_logits_of
+    from agent.linear import save_linear, write_serving
+
+    lin, info = fit_fast(train_rows, labels, set())
+    lin.config.weight = unit_linear.config.weight
+    if ev.current != unit:
+        ev.engine.activate_adapter(unit)
+        ev.current = unit
+    slices = {
+        n: [(r.text, r.label) for r in rs]
+        for n, rs in {"older": older, "recent": recent, "all": [*older, *recent]}.items()
+    }
+    logits = transformer_logits_of(ev.engine, slices)
+    models = model_reports(logits, slices, lin, lin.config.weight)
+    now = model_reports(logits, slices, unit_linear, unit_linear.config.weight)[unit_serving]
+    choice = serving_choice(models, gate)
+    picked = models[choice.model]
+    decision = promotion_decision({s: picked[s] for s in ("older", "recent") if s in picked}, now, gate)
+    record = {
+        "serving_choice": choice.model,
+        "promoted": decision.promote,
+        "reasons": decision.reasons,
+        "candidate_all": round(picked["all"].accuracy, 4) if "all" in picked else None,
+        "active_all": round(now["all"].accuracy, 4) if "all" in now else None,
+        **info,
+    }
+    out: dict[str, Any] = {"linear": lin, "promote": decision.promote, "record": record}
+    if decision.promote:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.copytree(unit, out_dir)
+        save_linear(out_dir, lin)
+        write_serving(out_dir, choice.model, choice.reasons)
+        meta = read_meta(out_dir)  # a new version, the same LoRA weights (as the daemon's refresh)
+        write_meta(out_dir, replace(meta, version=f"bench-{out_dir.name}", parent=meta.version))
+        out.update(unit=out_dir, serving=choice.model)
+    return out
 
 
 def prequential_models(
