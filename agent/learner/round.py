@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -300,11 +301,12 @@ def evaluate_adapter(
 
 def run_round(spec: RoundSpec) -> RoundResult:
     from agent.bundle import load_manifest
-    from agent.learner.train import TrainConfig, TrainingCancelled, train_adapter
 
     labels = load_manifest(Path(spec.bundle_dir)).labels
-    if spec.linear_refresh:
+    if spec.linear_refresh:  # no torch: the refresh's child is ONNX Runtime and scikit-learn only
         return run_linear_refresh(spec, labels)
+    from agent.learner.train import TrainConfig, TrainingCancelled, train_adapter
+
     if spec.evaluate_only:
         result = RoundResult("trained", spec.version, max_sample_id=0)
         # The fleet's adapter is judged with the box's own fast learner beside it, refit here: the
@@ -427,6 +429,7 @@ def run_linear_refresh(spec: RoundSpec, labels: list[str]) -> RoundResult:
     now = model_reports(logits, slices, current, current.config.weight)[serving]
     result.active = {k: asdict(v) for k, v in now.items()}
     result.linear["weight"] = linear.config.weight
+    result.linear["torch_imported"] = "torch" in sys.modules  # a refresh must stay light
     result.status = "trained"
     log.info(
         "refresh %s: linear model on %d samples, evaluated on %d holdout rows",

@@ -214,6 +214,7 @@ def test_fast_learner_refresh_between_rounds(setup):
     assert manager.counters["rounds"] == 1 and manager.counters["refreshes_promoted"] == 1
     info = manager.version_info(refreshed)
     assert info["parent"] == first and info["origin"] == "local"
+    assert json.loads(info["metrics"])["serving"]["linear"]["torch_imported"] is False
     assert manager.lora_version(refreshed) == first  # federation uploads the round's LoRA once
     old, new = manager.adapters_dir / first, manager.adapters_dir / refreshed
     assert (old / "adapter_model.safetensors").read_bytes() == (
