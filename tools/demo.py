@@ -834,7 +834,9 @@ def finish(
     summary = {
         "sites": [p.name for p in profiles],
         "rounds_completed": report["rounds_completed"],
-        "globals_judged": len({a.version for b in fleet.boxes for a in b.adapters if a.origin == "fleet"}),
+        "globals_judged": len(
+            {a.version for b in fleet.boxes for a in b.adapters if a.origin == "fleet" and not a.refresh}
+        ),
         "accuracy": {n: v["held_out_test"] for n, v in per_site.items()},
         "accuracy_improving_after_drift": improving,
         "samples_lost": lost_total,

@@ -42,6 +42,9 @@ class Promotion:
     decided_at: float = 0.0  # the gate's decision (registered)
     # Local rounds: when the round read its data (arrival of the newest sample it trained on).
     started_at: float | None = None
+    # A fast-learner refresh (the registry's ``metrics.lora_of``): a new linear model on the same
+    # LoRA weights, between rounds; drawn apart from rounds and not counted as one.
+    refresh: bool = False
 
 
 @dataclass
@@ -73,7 +76,12 @@ class BoxData:
 
     @property
     def promotions(self) -> list[Promotion]:
-        return [a for a in self.adapters if a.status != "rejected" and a.status != "candidate"]
+        """Promoted rounds and globals (refreshes: ``refreshes``)."""
+        return [a for a in self.adapters if a.status not in ("rejected", "candidate") and not a.refresh]
+
+    @property
+    def refreshes(self) -> list[Promotion]:
+        return [a for a in self.adapters if a.status not in ("rejected", "candidate") and a.refresh]
 
 
 @dataclass
@@ -157,7 +165,11 @@ def read_box(path: Path, name: str | None = None) -> BoxData:
                 " ORDER BY a.created_at"
             ):
                 started = None
-                if (origin or "local") == "local":
+                try:
+                    refresh = bool(json.loads(metrics or "{}").get("lora_of"))
+                except (ValueError, AttributeError):
+                    refresh = False
+                if (origin or "local") == "local" and not refresh:
                     started = float(data_read) if data_read is not None else None
                     if started is None:  # its newest sample is gone (retention): training time only
                         with contextlib.suppress(ValueError, TypeError):
@@ -170,6 +182,7 @@ def read_box(path: Path, name: str | None = None) -> BoxData:
                         status=status,
                         decided_at=float(created),
                         started_at=started,
+                        refresh=refresh,
                     )
                 )
         if "learner_state" in tables:
@@ -349,7 +362,9 @@ def box_summary(box: BoxData) -> dict[str, Any]:
         "samples": box.samples,
         "promoted_local": len(local),
         "promoted_fleet": len(fleet),
-        "rejected": sum(a.status == "rejected" for a in box.adapters),
+        "rejected": sum(a.status == "rejected" and not a.refresh for a in box.adapters),
+        "fast_learner_refreshes_promoted": len(box.refreshes),
+        "fast_learner_refreshes_refused": sum(a.status == "rejected" and a.refresh for a in box.adapters),
         "active_adapter": box.active_version,
         "uploads_acknowledged": sum(u.acked_at is not None for u in box.uploads),
         "latency_p50_ms": round(percentile(lat, 50), 2) if lat else None,
@@ -426,11 +441,18 @@ def plot_accuracy(fleet: FleetData, path: Path, window: int = DEFAULT_WINDOW) ->
                 ha="left",
                 va="top",
             )
+        for a in box.refreshes:
+            legend.setdefault(
+                "fast learner refreshed",
+                ax.axvline(a.at - t0, color="tab:olive", linestyle=":", linewidth=0.8, alpha=0.7),
+            )
         for origin, color, text in (
             ("local", "tab:gray", "local candidate refused by the gate"),
             ("fleet", "tab:purple", "fleet global refused by the gate"),
         ):
-            refused = [a for a in box.adapters if a.status == "rejected" and a.origin == origin]
+            refused = [
+                a for a in box.adapters if a.status == "rejected" and a.origin == origin and not a.refresh
+            ]
             if refused:
                 (marks,) = ax.plot(
                     [a.at - t0 for a in refused], [0.04] * len(refused), "x", color=color, markersize=8
@@ -628,7 +650,7 @@ def plot_rounds(fleet: FleetData, path: Path) -> Path:
                         color="tab:orange",
                     )
         for a in box.adapters:
-            if a.origin != "fleet":
+            if a.origin != "fleet" or a.refresh:
                 continue
             ok = a.status != "rejected"
             ax.plot(

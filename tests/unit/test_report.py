@@ -64,6 +64,9 @@ def make_box(directory: Path, correct: list[bool], latency_ms: list[float]) -> P
             [
                 # v1 read its data when sample row 3 had arrived; v2's newest sample is gone.
                 ("v1", "p", "retired", json.dumps({"seconds": 5.0}), T0 + 10, T0 + 10, "local", 3),
+                # Fast-learner refreshes of v1 (same LoRA): one promoted, one refused.
+                ("v1-f1", "p", "retired", json.dumps({"lora_of": "v1"}), T0 + 15, T0 + 15, "local", 3),
+                ("v1-f2", "p", "rejected", json.dumps({"lora_of": "v1"}), T0 + 17, None, "local", 3),
                 ("fleet-f-r1", "p", "promoted", None, T0 + 20, T0 + 20, "fleet", 3),
                 ("v2", "p", "rejected", json.dumps({"seconds": 4.0}), T0 + 30, None, "local", 999),
             ],
@@ -117,7 +120,9 @@ def test_figures_from_the_databases(fleet_files):
     assert sorted(a.sample_ids) == sorted(f"s{i}" for i in range(40))
     assert [(p.version, p.origin) for p in a.promotions] == [("v1", "local"), ("fleet-f-r1", "fleet")]
     started = {p.version: p.started_at for p in a.adapters}
-    assert started == {"v1": T0 + 2, "fleet-f-r1": None, "v2": T0 + 26}  # v2: decision - training seconds
+    # v2: decision - training seconds; refreshes train nothing
+    assert started == {"v1": T0 + 2, "v1-f1": None, "v1-f2": None, "fleet-f-r1": None, "v2": T0 + 26}
+    assert [p.version for p in a.refreshes] == ["v1-f1"]
     assert a.uploads[0].round == 1 and a.uploads[0].acked_at is not None and a.uploads[0].status == "accepted"
 
     summary = report.fleet_summary(fleet)
@@ -125,6 +130,7 @@ def test_figures_from_the_databases(fleet_files):
     s0 = summary["per_site"]["site0"]
     assert s0["prequential_accuracy"] == 0.75 and s0["judged_predictions"] == 40
     assert (s0["promoted_local"], s0["promoted_fleet"], s0["rejected"]) == (1, 1, 1)
+    assert (s0["fast_learner_refreshes_promoted"], s0["fast_learner_refreshes_refused"]) == (1, 1)
     assert s0["active_adapter"] == "fleet-f-r1" and s0["uploads_acknowledged"] == 1
     assert s0["latency_p50_ms"] == 20.5 and s0["latency_p99_ms"] == pytest.approx(39.61)
     assert summary["per_site"]["site1"]["prequential_accuracy"] == 0.5
