@@ -8,16 +8,17 @@ when nothing killed them (``crashes``). ``quick`` scenarios also run in ``make t
 
 from __future__ import annotations
 
-import os
+import contextlib
 import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import psutil
 
 from tests.integration.conftest import wait_until
 from tests.integration.fleet import FLEET, box_tensors, upload_frames
@@ -127,9 +128,33 @@ def learn(world: World, box: Box, seed: int, n: int = 300, version: int = 1, **l
 
 
 def learner_pid(box: Box, after: int = 0) -> int | None:
-    assert box.proc is not None
-    found = re.findall(r"learner round \S+ started .* pid (\d+)", box.proc.log())
+    """The pid of the newest learner round this agent process logged, once it logged more than
+    ``after`` (``rounds_logged`` before the round: a reused box's log holds earlier rounds)."""
+    found = _round_pids(box)
     return int(found[-1]) if len(found) > after else None
+
+
+def learner_child(box: Box) -> psutil.Process | None:
+    """The agent's learner process (a multiprocessing spawn child), if one runs."""
+    assert box.proc is not None
+    try:
+        children = psutil.Process(box.proc.proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    for c in children:
+        with contextlib.suppress(psutil.Error):
+            if "spawn_main" in " ".join(c.cmdline()):
+                return c
+    return None
+
+
+def rounds_logged(box: Box) -> int:
+    return len(_round_pids(box))
+
+
+def _round_pids(box: Box) -> list[str]:
+    assert box.proc is not None
+    return re.findall(r"learner round \S+ started .* pid (\d+)", box.proc.log())
 
 
 def gone(pid: int, timeout: float = 10) -> bool:
@@ -167,9 +192,10 @@ def agent_kill_mid_training(world: World) -> Result:
     """kill -9 of the agent mid-round: the learner dies with it, the next run learns and promotes."""
     r = Result()
     box = world.box("box-1")
+    before = rounds_logged(box)
     learn(world, box, seed=1)
     world.peer.expect(box.topic("learner"), lambda m: m["event"] == "round_started", 60)
-    pid = wait_until(lambda: learner_pid(box), timeout=10, what="learner pid")
+    pid = wait_until(lambda: learner_pid(box, after=before), timeout=10, what="learner pid")
     time.sleep(3.0)  # inside torch's import or the training loop
     box.kill()
     r.check("learner died with the agent", gone(pid))
@@ -214,11 +240,13 @@ def learner_oom_killed(world: World) -> Result:
     r = Result()
     box = world.box("box-1")
     learn(world, box, seed=3)
-    world.peer.expect(box.topic("learner"), lambda m: m["event"] == "round_started", 60)
-    pid = wait_until(lambda: learner_pid(box), timeout=10, what="learner pid")
-    time.sleep(2.0)
-    os.kill(pid, signal.SIGKILL)
-    failed = world.peer.expect(box.topic("learner"), lambda m: m["event"] == "round_finished", 60).json
+    # Killed the moment it exists (a tiny round ends within seconds on a fast box; found from the
+    # agent's process tree, not its log, which a scenario can read late).
+    child = wait_until(lambda: learner_child(box), timeout=60, interval=0.005, what="the learner process")
+    child.kill()
+    failed = world.peer.expect(
+        box.topic("learner"), lambda m: m["event"] == "round_finished" and m.get("status") == "failed", 60
+    ).json
     r.check("round reported failed", failed["status"] == "failed")
     r.check("agent alive and answering", box.alive() and "predictions" in world.ask(box))
     r.check("serves a verified adapter", active_adapter_verified(world, box))
