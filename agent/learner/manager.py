@@ -143,6 +143,7 @@ class LearnerManager:
             # Fast-learner refreshes between rounds (not counted in the round counters above).
             "refreshes": 0,
             "refreshes_promoted": 0,
+            "refreshes_failed": 0,
         }
         with self._db() as con:
             con.executescript(REGISTRY_SCHEMA)
@@ -489,7 +490,7 @@ class LearnerManager:
                 "SELECT COUNT(*) FROM samples WHERE split='train' AND id > ?", (since,)
             ).fetchone()[0]
         acc, n_fb = self._live_accuracy(self.active_version())
-        accepted = self._promoted_accuracy(self.active_version())
+        accepted = self._promoted_accuracy(self.lora_version(self.active_version()))
         inputs = policy.TriggerInputs(
             new_samples=new,
             feedback_accuracy=acc,
@@ -511,14 +512,36 @@ class LearnerManager:
             return True
         return False
 
+    def _family(self, version: str | None) -> list[str | None]:
+        """``version`` and every fast-learner refresh of its LoRA weights: one unit for the live
+        accuracy and rollback (a refresh every 50 samples would otherwise restart the feedback
+        window before it could ever hold ``min_feedback`` answers)."""
+        lora = self.lora_version(version)
+        if lora is None:
+            return [None]
+        with self._db() as con:
+            rows = con.execute(
+                "SELECT version FROM adapter_versions WHERE version = ? OR json_extract(metrics, '$.lora_of') = ?",
+                (lora, lora),
+            ).fetchall()
+        return sorted({lora, *(r["version"] for r in rows)})
+
     def _live_accuracy(self, version: str | None, window: int = 500) -> tuple[float | None, int]:
-        """Accuracy of live predictions by ``version`` that received feedback (latest ``window``)."""
+        """Accuracy of live predictions by ``version``'s family (its LoRA and the refreshes of it)
+        that received feedback since its round was promoted (latest ``window``)."""
         promoted_at = float(self._state("promoted_at", "0") or 0)
+        family = self._family(version)
+        named = [v for v in family if v is not None]
+        where = (
+            "p.adapter_version IS NULL"
+            if not named
+            else f"p.adapter_version IN ({','.join('?' * len(named))})"
+        )
         with self._db() as con:
             rows = con.execute(
                 "SELECT p.label = f.label AS ok FROM feedback f JOIN predictions p ON p.id = f.prediction_id "
-                "WHERE p.adapter_version IS ? AND f.received_at >= ? ORDER BY f.id DESC LIMIT ?",
-                (version, promoted_at, window),
+                f"WHERE {where} AND f.received_at >= ? ORDER BY f.id DESC LIMIT ?",
+                (*named, promoted_at, window),
             ).fetchall()
         if not rows:
             return None, 0
@@ -553,9 +576,12 @@ class LearnerManager:
         if active is None:
             return
         acc, n = self._live_accuracy(active)
-        reason = policy.rollback_reason(acc, n, self._promoted_accuracy(active), self.settings.rollback)
+        lora = self.lora_version(active)
+        reason = policy.rollback_reason(acc, n, self._promoted_accuracy(lora), self.settings.rollback)
         if reason:
-            self.rollback(None, reason=f"auto: {reason}")
+            # Behind the LoRA the family came with, not to a sibling refresh of the same weights.
+            parent = (self.version_info(lora) or {}).get("parent")
+            self.rollback(parent or "base", reason=f"auto: {reason}")
 
     def _resources(self) -> policy.Resources:
         temps: list[float] = []
@@ -716,9 +742,11 @@ class LearnerManager:
             with self._db() as con:
                 self._set_state(con, "linear_through_id", str(int(fit_through)))
         if status != "trained":
+            key = {"cancelled": "cancelled", "no_data": "cancelled"}.get(status, "failed")
             if not refresh:
-                key = {"cancelled": "cancelled", "no_data": "cancelled"}.get(status, "failed")
                 self.counters[key] += 1
+            elif key == "failed":
+                self.counters["refreshes_failed"] += 1
             shutil.rmtree(candidate_dir, ignore_errors=True)
             if self._origin == "bundle" and self._bundle_job is not None:
                 _, on_done = self._bundle_job
@@ -786,6 +814,13 @@ class LearnerManager:
                 },
             )
             return
+        started_on = Path(spec.parent_dir).name if spec.parent_dir else None
+        if decision.promote and started_on != self.active_version():
+            # A rollback (or another promotion) while it ran: it was judged against what no longer
+            # serves, and a refresh or a round continued from the rolled-back unit must not return it.
+            decision = policy.GateDecision(
+                False, [f"the active adapter changed from {started_on or 'base'} while it ran"]
+            )
         decision = self._register(spec, result, decision, metrics, candidate_dir)
         self.publish(
             f"{event}_finished",
@@ -872,7 +907,8 @@ class LearnerManager:
                         (parent,),
                     )
                 self._set_state(con, "active", spec.version)
-                self._set_state(con, "promoted_at", str(now))
+                if not spec.linear_refresh:  # the family's feedback window runs on (_family)
+                    self._set_state(con, "promoted_at", str(now))
             con.execute("COMMIT")
         if decision.promote:
             self.counters["refreshes_promoted" if spec.linear_refresh else "promoted"] += 1
@@ -888,12 +924,16 @@ class LearnerManager:
         return decision
 
     def _prune(self) -> None:
-        """Bounded history: keep the newest ``keep_versions`` promoted/retired adapters on disk."""
+        """Bounded history: keep the newest ``keep_versions`` retired or rolled-back rounds on disk,
+        and as many fast-learner refreshes apart (they come every few dozen samples: counted with
+        the rounds they would leave a rollback minutes deep instead of rounds deep)."""
         active = self.active_version()
         with self._db() as con:
             rows = con.execute(
-                "SELECT version, path FROM adapter_versions WHERE status IN ('retired','rolled_back') ORDER BY created_at DESC"
+                "SELECT version, path, json_extract(metrics, '$.lora_of') IS NOT NULL AS refresh"
+                " FROM adapter_versions WHERE status IN ('retired','rolled_back') ORDER BY created_at DESC"
             ).fetchall()
-        for row in rows[self.settings.keep_versions :]:
-            if row["version"] != active:
-                shutil.rmtree(row["path"], ignore_errors=True)
+        for kind in (0, 1):
+            for row in [r for r in rows if r["refresh"] == kind][self.settings.keep_versions :]:
+                if row["version"] != active:
+                    shutil.rmtree(row["path"], ignore_errors=True)

@@ -232,3 +232,14 @@ def test_fast_learner_refresh_between_rounds(setup):
     wait_round(manager)
     assert manager.counters["refreshes"] == 1
     assert manager.rollback()["to"] == first and engine.adapter_version == first
+
+    # A rollback while a refresh runs: the refresh was judged against what no longer serves and
+    # is refused, whatever its holdout figures.
+    store.write(make_samples(80, seed=9), holdout_fraction=0.2)
+    manager.tick()
+    assert manager.status()["running"] is not None and events[-1][0] == "refresh_started"
+    assert manager.rollback("base")["ok"] and engine.adapter_version is None
+    wait_round(manager)
+    assert events[-1][0] == "refresh_finished" and events[-1][1]["status"] == "rejected"
+    assert "active adapter changed" in events[-1][1]["reasons"][0]
+    assert manager.active_version() is None and engine.adapter_version is None
