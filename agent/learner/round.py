@@ -167,8 +167,7 @@ def read_linear_training_set(
 ) -> tuple[list[str], list[str]]:
     """The newest ``limit`` train-split samples with a known label, oldest first, for the fast
     learner: it refits from scratch on the whole recent history (like the TF-IDF baseline), which
-    takes seconds, so it needs no replay. Texts in ``exclude`` (the round's validation rows, on
-    which the combination weight is fitted) are left out."""
+    takes seconds, so it needs no replay. Texts in ``exclude`` are left out."""
     rows = _linear_rows(db_path, labels, limit, exclude)
     return [t for _, t, _ in rows], [lab for _, _, lab in rows]
 
@@ -211,7 +210,6 @@ def evaluate_models(
     precision: str,
     slices: dict[str, list[tuple[str, str]]],
     linear: LinearModel,
-    val: tuple[list[str], list[str]] | None,
 ) -> tuple[dict[str, dict[str, EvalReport]], float]:
     """Transformer, linear and combined on each slice with the serving runtime (see
     ``evaluate_models_on``), on an engine opened for ``adapter_dir``."""
@@ -220,30 +218,18 @@ def evaluate_models(
     with InferenceEngine.open(
         Path(bundle_dir), _eval_config(precision), adapter_dir=Path(adapter_dir)
     ) as engine:
-        return evaluate_models_on(engine, slices, linear, val)
+        return evaluate_models_on(engine, slices, linear)
 
 
 def evaluate_models_on(
-    engine: Any,
-    slices: dict[str, list[tuple[str, str]]],
-    linear: LinearModel,
-    val: tuple[list[str], list[str]] | None,
+    engine: Any, slices: dict[str, list[tuple[str, str]]], linear: LinearModel
 ) -> tuple[dict[str, dict[str, EvalReport]], float]:
-    """Transformer (what ``engine`` has active), linear and combined on each slice from one
-    transformer pass per slice; the combination weight fitted on ``val`` (rows neither model
-    trained on) first, the model's own without. Returns the reports per model and the weight."""
-    from agent.linear import fit_weight
-
-    labels = linear.labels
-    if engine.labels != labels:
-        raise ValueError(f"adapter labels {engine.labels} differ from the linear model's {labels}")
-    index = {lab: i for i, lab in enumerate(labels)}
-    weight = linear.config.weight  # without rows to fit it on: what the model carries (0.5 when new)
-    if val is not None and val[0]:
-        y = np.array([index[lab] for lab in val[1]])
-        weight = fit_weight(engine.transformer_logits(val[0]), linear.log_proba(val[0]), y)
-    logits = transformer_logits_of(engine, slices)
-    return model_reports(logits, slices, linear, weight), weight
+    """Transformer (what ``engine`` has active), linear and combined on the holdout slices from
+    one transformer pass, the combination weight fitted on the holdout (cross-fitted, see
+    ``model_reports``). Returns the reports per model and the weight."""
+    if engine.labels != linear.labels:
+        raise ValueError(f"adapter labels {engine.labels} differ from the linear model's {linear.labels}")
+    return model_reports(transformer_logits_of(engine, slices), slices, linear)
 
 
 def _eval_config(precision: str) -> Any:
@@ -257,29 +243,53 @@ def _eval_config(precision: str) -> Any:
     )
 
 
-def transformer_logits_of(engine: Any, slices: dict[str, list[tuple[str, str]]]) -> dict[str, np.ndarray]:
-    return {name: engine.transformer_logits([t for t, _ in rows]) for name, rows in slices.items() if rows}
+def transformer_logits_of(engine: Any, slices: dict[str, list[tuple[str, str]]]) -> np.ndarray:
+    """The transformer's logits on the holdout (``slices["all"]``, which is older then recent)."""
+    rows = slices.get("all") or []
+    n = len(engine.labels)
+    return engine.transformer_logits([t for t, _ in rows]) if rows else np.zeros((0, n), np.float32)
 
 
 def model_reports(
-    logits: dict[str, np.ndarray],
+    logits: np.ndarray,
     slices: dict[str, list[tuple[str, str]]],
     linear: LinearModel,
-    weight: float,
-) -> dict[str, dict[str, EvalReport]]:
-    """Per model (transformer, linear, combined at ``weight``), its report on each slice, from the
-    transformer's logits on those slices."""
-    from agent.linear import combine_log_probs
+    weight: float | None = None,
+) -> tuple[dict[str, dict[str, EvalReport]], float]:
+    """Per model (transformer, linear, combined), its report on each slice, from the transformer's
+    logits on ``slices["all"]`` (= older + recent, in that order); and the combination weight.
+
+    ``weight`` None: the weight is fitted on these holdout rows, neither model trained on, and
+    *cross-fitted* for the combination's own reports: each row is combined at the weight fitted on
+    the other half of the rows (alternate rows), so that its accuracy here is out of sample like
+    the other two models'. What serves is the weight fitted on all of them. (The round's
+    validation rows, used before, had picked the transformer's best epoch: it looked better there
+    than it was, and the weight swung from 0.0 to 0.6 between rounds on 40 rows.)"""
+    from agent.linear import combine_log_probs, crossfit_weight
 
     labels = linear.labels
+    rows = slices.get("all") or []
+    older, recent = slices.get("older") or [], slices.get("recent") or []
+    if rows != older + recent:
+        raise ValueError("slices['all'] must be slices['older'] + slices['recent']")
     out: dict[str, dict[str, EvalReport]] = {"transformer": {}, "linear": {}, "combined": {}}
-    for name, z_t in logits.items():
-        texts, truth = [t for t, _ in slices[name]], [lab for _, lab in slices[name]]
-        lin = linear.log_proba(texts)
-        comb = combine_log_probs(z_t, lin, weight)
-        for model, z in (("transformer", z_t), ("linear", lin), ("combined", comb)):
-            out[model][name] = evaluate([labels[i] for i in z.argmax(axis=1)], truth)
-    return out
+    if not rows:
+        return out, linear.config.weight if weight is None else weight
+    texts, truth = [t for t, _ in rows], [lab for _, lab in rows]
+    index = {lab: i for i, lab in enumerate(labels)}
+    lin = linear.log_proba(texts)
+    if weight is None:
+        weight, per_row = crossfit_weight(logits, lin, np.array([index[t] for t in truth]))
+    else:
+        per_row = np.full(len(rows), weight)
+    comb = combine_log_probs(logits, lin, per_row[:, None])
+    cut = len(older)
+    for model, z in (("transformer", logits), ("linear", lin), ("combined", comb)):
+        preds = [labels[i] for i in z.argmax(axis=1)]
+        for name, lo, hi in (("older", 0, cut), ("recent", cut, len(rows)), ("all", 0, len(rows))):
+            if hi > lo:
+                out[model][name] = evaluate(preds[lo:hi], truth[lo:hi])
+    return out, float(weight)
 
 
 def evaluate_adapter(
@@ -375,24 +385,22 @@ def run_round(spec: RoundSpec) -> RoundResult:
     )
     linear = None
     if spec.linear:
+        # Every train sample, the round's validation rows too: the combination weight is fitted
+        # on the holdout (model_reports), not on them.
         linear, result.linear = fit_linear_from_db(
-            spec.db_path,
-            labels,
-            spec.linear_max_samples,
-            set(val[0]) if val else None,
-            spec.linear_n_features,
+            spec.db_path, labels, spec.linear_max_samples, None, spec.linear_n_features
         )
-    _evaluate(spec, labels, result, linear, val)
+    _evaluate(spec, labels, result, linear)
     result.status, result.steps, result.seconds = "trained", tr.steps, tr.seconds
     return result
 
 
 def run_linear_refresh(spec: RoundSpec, labels: list[str]) -> RoundResult:
     """A new fast learner for the active unit (copied into ``out_dir``) without training the
-    transformer: the linear model refit on every train sample so far, at the unit's combination
-    weight (fitted on its round's validation rows, which a 50-sample refresh has too few of);
-    the unit's transformer, the new linear model and their combination evaluated on the holdout
-    slices beside what the unit serves now (``active``), from one transformer pass.
+    transformer: the linear model refit on every train sample so far; the unit's transformer, the
+    new linear model and their combination (its weight fitted on the holdout, ``model_reports``)
+    evaluated on the holdout slices beside what the unit serves now (``active``, at its own
+    weight), from one transformer pass.
     Seconds: the drifted stream's new words reach the box's answers between rounds."""
     from agent.adapters import read_meta, write_meta
     from agent.engine import InferenceEngine
@@ -411,13 +419,12 @@ def run_linear_refresh(spec: RoundSpec, labels: list[str]) -> RoundResult:
     if linear is None:
         result.message = str(result.linear.get("skipped"))
         return result
-    linear.config.weight = current.config.weight
     linear.config.version = spec.version
     older, recent = read_holdout(spec.db_path, labels, spec.since_sample_id)
     slices = {"older": older, "recent": recent, "all": older + recent}
     with InferenceEngine.open(Path(spec.bundle_dir), _eval_config(spec.precision), adapter_dir=out) as engine:
         logits = transformer_logits_of(engine, slices)
-    models = model_reports(logits, slices, linear, linear.config.weight)
+    models, linear.config.weight = model_reports(logits, slices, linear)
     linear.config.metrics = {m: {k: r.accuracy for k, r in reports.items()} for m, reports in models.items()}
     save_linear(out, linear)
     # The unit is a new version (predictions, the cache and the registry name it); its LoRA
@@ -426,7 +433,7 @@ def run_linear_refresh(spec: RoundSpec, labels: list[str]) -> RoundResult:
     write_meta(out, replace(meta, version=spec.version, parent=meta.version))
     result.candidate_models = {m: {k: asdict(v) for k, v in r.items()} for m, r in models.items()}
     result.candidate = result.candidate_models["transformer"]
-    now = model_reports(logits, slices, current, current.config.weight)[serving]
+    now = model_reports(logits, slices, current, current.config.weight)[0][serving]
     result.active = {k: asdict(v) for k, v in now.items()}
     result.linear["weight"] = linear.config.weight
     result.linear["torch_imported"] = "torch" in sys.modules  # a refresh must stay light
@@ -445,7 +452,6 @@ def _evaluate(
     labels: list[str],
     result: RoundResult,
     linear: LinearModel | None = None,
-    val: tuple[list[str], list[str]] | None = None,
 ) -> None:
     """Candidate (in ``out_dir``) and active adapter on the holdout slices the gate compares.
     With a linear model: the candidate's three models, and the linear model saved beside it."""
@@ -454,7 +460,7 @@ def _evaluate(
     if linear is not None:
         from agent.linear import save_linear
 
-        models, weight = evaluate_models(spec.bundle_dir, spec.out_dir, spec.precision, slices, linear, val)
+        models, weight = evaluate_models(spec.bundle_dir, spec.out_dir, spec.precision, slices, linear)
         linear.config.weight = weight
         linear.config.version = spec.version
         linear.config.metrics = {

@@ -141,3 +141,46 @@ def test_weight_fit_prefers_the_model_that_is_right():
     lp = combine_log_probs(bad, good, 1.0)
     np.testing.assert_allclose(np.exp(lp).sum(1), 1.0, rtol=1e-5)
     assert (lp.argmax(1) == y).all()
+
+
+def test_crossfit_weight_fits_each_half_on_the_other():
+    from agent.linear import crossfit_weight
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 40)
+    good = np.eye(3)[y] * 5.0
+    bad = rng.normal(size=(40, 3))
+    # The transformer knows the even rows, the linear model the odd ones: each half's weight comes
+    # from the other half, so even rows lean linear and odd rows lean transformer.
+    t = np.where((np.arange(40) % 2 == 0)[:, None], bad, good)
+    lin = np.log(np.clip(np.exp(np.where((np.arange(40) % 2 == 0)[:, None], good, bad)), 1e-6, None))
+    w, per_row = crossfit_weight(t, lin - np.log(np.exp(lin).sum(1, keepdims=True)), y)
+    assert per_row.shape == (40,) and 0.0 <= w <= 1.0
+    assert (per_row[0::2] == per_row[0]).all() and (per_row[1::2] == per_row[1]).all()
+    assert per_row[0] <= 0.5 <= per_row[1]  # fitted on the other half's rows
+    w_small, per_small = crossfit_weight(t[:3], lin[:3], y[:3])
+    assert (per_small == w_small).all()
+
+
+def test_model_reports_cuts_slices_from_one_pass_and_refuses_a_wrong_layout():
+    from agent.learner.round import model_reports
+
+    rows = keyword_samples(60, seed=4)
+    model = fit_linear(
+        [t for t, _ in rows],
+        [lab for _, lab in rows],
+        TINY_LABELS,
+        LinearConfig(TINY_LABELS, n_features=1 << 12),
+    )
+    holdout = [(t, lab) for t, lab in keyword_samples(30, seed=5)]
+    older, recent = holdout[:20], holdout[20:]
+    logits = np.zeros((30, len(TINY_LABELS)), np.float32)  # a transformer that knows nothing
+    reports, w = model_reports(logits, {"older": older, "recent": recent, "all": holdout}, model)
+    assert {m: set(r) for m, r in reports.items()} == {m: {"older", "recent", "all"} for m in reports}
+    assert reports["transformer"]["older"].count == 20
+    assert reports["linear"]["recent"].count == 10 and reports["linear"]["all"].count == 30
+    assert w > 0.5 and reports["combined"]["all"].accuracy >= reports["transformer"]["all"].accuracy
+    fixed, w2 = model_reports(logits, {"older": older, "recent": recent, "all": holdout}, model, 0.0)
+    assert w2 == 0.0 and fixed["combined"]["all"].accuracy == fixed["transformer"]["all"].accuracy
+    with pytest.raises(ValueError, match="older"):
+        model_reports(logits, {"older": recent, "recent": older, "all": holdout}, model)

@@ -46,13 +46,17 @@ Protocol (simulated by default, the same on ``--dataset CSV``):
   (after the base data, after each chunk), evaluated the same prequential way (``tfidf_*``).
 * **Fast learner** (the full run and the stream seeds; not the ablations): as the daemon does it,
   the base adapter carries a linear model (``agent.linear``) fit on the pre-drift train rows, and
-  each round refits one on every train row seen (its validation rows left out, the combination
-  weight fitted on them), evaluates the candidate's transformer, linear and combined models on the
+  each round refits one on every train row seen (the combination weight fitted on the holdout,
+  cross-fitted: ``round.model_reports``), evaluates the candidate's transformer, linear and combined models on the
   holdout slices, lets ``policy.serving_choice`` pick one and gates that one against what the
   active unit serves. Per chunk: ``acc_drift_online`` is now the active unit's transformer,
   ``fast_acc_drift_online`` the newest linear model alone, ``combined_acc_drift_online`` the active
   unit's combination, ``served_acc_drift_online`` what the gate chose (``served_models``, chunk by
-  chunk); ``samples_to_recover_served`` against ``served_acc_before_drift``.
+  chunk); ``samples_to_recover_served`` against ``served_acc_before_drift``. Inside each chunk,
+  every ``learning.fast_learner_refresh_samples`` (50) rows, the daemon's refresh: the rows so
+  far are predicted by the unit of the moment, then the unit's linear model is refit on every
+  train row and gated the same way (``refreshes``); TF-IDF refit as often is reported beside it
+  (``tfidf_acc_drift_refit_often``).
   ``combined_overhead_ms_b1``: median batch-1 engine latency serving ``combined`` minus serving
   ``transformer`` (same final adapter, merged, cache off, ABAB x3, 200 texts each);
   ``linear_path_ms_b1`` that path's cost alone (vectorise, score, combine).
@@ -592,7 +596,7 @@ def run_online(
     """Prequential online learning over the chunks (see the module docstring) for one variant.
 
     With ``fast``, as the daemon does it since the fast learner: each round also refits the linear
-    model on every train row seen so far (the round's validation rows left out), the gate chooses
+    model on every train row seen so far (the weight fitted on the holdout), the gate chooses
     among the candidate's transformer, linear and combined (``policy.serving_choice``) and gates
     that one against what the active unit serves. Each chunk is then predicted by all of them."""
     from agent.learner.policy import GatePolicy, promotion_decision, serving_choice
@@ -709,12 +713,12 @@ def run_online(
         seen_train += split.chunk_train(k)
         choice = None
         if fast:
-            lin, lin_info = fit_fast(seen_train, labels, set(val[0]) if val else set())
+            lin, lin_info = fit_fast(seen_train, labels, set())
             ev.engine.activate_adapter(cand)
             ev.current = cand
             rows_of = {"older": older, "recent": recent, "all": older + recent}
             models, weight = evaluate_models_on(
-                ev.engine, {n: [(r.text, r.label) for r in rs] for n, rs in rows_of.items()}, lin, val
+                ev.engine, {n: [(r.text, r.label) for r in rs] for n, rs in rows_of.items()}, lin
             )
             lin.config.weight = weight
             choice = serving_choice(models, gate)
@@ -854,8 +858,8 @@ def _acc(c: tuple[int, int]) -> float:
 
 
 def fit_fast(rows: Sequence[Row], labels: list[str], exclude: set[str]) -> tuple[Any, dict[str, Any]]:
-    """The fast learner as ``round.fit_linear_from_db`` fits it: every train row seen, the round's
-    validation rows left out."""
+    """The fast learner as ``round.fit_linear_from_db`` fits it: every train row seen (less
+    ``exclude``)."""
     from agent.linear import LinearConfig, fit_linear
 
     t0 = time.perf_counter()
@@ -867,10 +871,8 @@ def fit_fast(rows: Sequence[Row], labels: list[str], exclude: set[str]) -> tuple
 def base_fast_unit(
     ev: Evaluator, base_dir: Path, split: Split, labels: list[str], vdir: Path, seed: int
 ) -> tuple[Path, Any, str, dict[str, Any]]:
-    """The base adapter with its fast learner (fit on the pre-drift train rows less a 10 % weight
-    split) and the gate's serving choice on the pre-drift holdout, as one directory."""
-    import numpy as np
-
+    """The base adapter with its fast learner (fit on the pre-drift train rows, the combination
+    weight on the pre-drift holdout) and the gate's serving choice there, as one directory."""
     from agent.learner.policy import GatePolicy, serving_choice
     from agent.learner.round import evaluate_models_on
     from agent.linear import save_linear, write_serving
@@ -878,11 +880,7 @@ def base_fast_unit(
     unit = vdir / "base-unit"
     shutil.rmtree(unit, ignore_errors=True)
     shutil.copytree(base_dir, unit)
-    order = np.random.default_rng(seed).permutation(len(split.pre_train))
-    rows = [split.pre_train[i] for i in order]
-    n_val = int(len(rows) * VAL_FRACTION)
-    val_rows = rows[:n_val]
-    lin, info = fit_fast(rows, labels, {r.text for r in val_rows})
+    lin, info = fit_fast(split.pre_train, labels, set())
     older, recent = holdout_slices(split.pre_holdout, [])
     ev.engine.activate_adapter(unit)
     ev.current = unit
@@ -891,7 +889,6 @@ def base_fast_unit(
         ev.engine,
         {n: [(r.text, r.label) for r in rs] for n, rs in rows_of.items()},
         lin,
-        ([r.text for r in val_rows], [r.label for r in val_rows]) if val_rows else None,
     )
     lin.config.weight = weight
     choice = serving_choice(models, GatePolicy())
@@ -939,7 +936,6 @@ def linear_refresh(
     from agent.linear import save_linear, write_serving
 
     lin, info = fit_fast(train_rows, labels, set())
-    lin.config.weight = unit_linear.config.weight
     if ev.current != unit:
         ev.engine.activate_adapter(unit)
         ev.current = unit
@@ -948,8 +944,8 @@ def linear_refresh(
         for n, rs in {"older": older, "recent": recent, "all": [*older, *recent]}.items()
     }
     logits = transformer_logits_of(ev.engine, slices)
-    models = model_reports(logits, slices, lin, lin.config.weight)
-    now = model_reports(logits, slices, unit_linear, unit_linear.config.weight)[unit_serving]
+    models, lin.config.weight = model_reports(logits, slices, lin)
+    now = model_reports(logits, slices, unit_linear, unit_linear.config.weight)[0][unit_serving]
     choice = serving_choice(models, gate)
     picked = models[choice.model]
     decision = promotion_decision({s: picked[s] for s in ("older", "recent") if s in picked}, now, gate)
