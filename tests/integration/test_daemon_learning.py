@@ -17,6 +17,9 @@ LEARNING = {
     "max_inference_p99_ms": 100000,
     "gate_delta": 0.1,
     "gate_epsilon": 0.01,
+    # The round's path alone: the rest of the 400 samples arrive during the round and would
+    # refresh the fast learner right after it (tests/integration/test_learner.py covers that).
+    "fast_learner_refresh_samples": 0,
 }
 PROBE = "breaker tripped on machine M3 line 2"
 
