@@ -113,9 +113,8 @@ def read_adapter(adapter_dir: Path, bundle: BundleManifest) -> OrtAdapter:
         )
     cfg = _read_json(adapter_dir / PEFT_CONFIG)
     scale = _lora_scale(cfg)
-    tensors = _read_tensors(adapter_dir / WEIGHTS)
-    with open(adapter_dir / WEIGHTS, "rb") as f:
-        h = hashlib.file_digest(f, "sha256")
+    tensors, raw = _read_tensors(adapter_dir / WEIGHTS)
+    h = hashlib.sha256(raw)
     h.update(json.dumps([scale, meta.labels], sort_keys=True).encode())
     digest = h.hexdigest()
     labels = meta.labels or bundle.labels
@@ -290,9 +289,10 @@ def read_meta(adapter_dir: Path) -> AdapterMeta:
     return AdapterMeta.from_json(_read_json(adapter_dir / META))
 
 
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], bytes]:
+    """The tensors and the file's bytes (read once: the weights digest hashes them)."""
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
     try:
         size = path.stat().st_size
@@ -301,7 +301,8 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     if size > MAX_ADAPTER_BYTES:
         raise AdapterError(f"{path.name}: {size} bytes exceeds the {MAX_ADAPTER_BYTES} byte limit")
     try:
-        return load_file(str(path))
+        raw = path.read_bytes()
+        return load(raw), raw
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{path.name}: unreadable safetensors file ({e})") from e
 

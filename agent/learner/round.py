@@ -244,7 +244,7 @@ def _eval_config(precision: str) -> Any:
 
 
 def transformer_logits_of(engine: Any, slices: dict[str, list[tuple[str, str]]]) -> np.ndarray:
-    """The transformer's logits on the holdout (``slices["all"]``, which is older then recent)."""
+    """The transformer's logits on the holdout (``slices["all"]``: older, then recent)."""
     rows = slices.get("all") or []
     n = len(engine.labels)
     return engine.transformer_logits([t for t, _ in rows]) if rows else np.zeros((0, n), np.float32)
@@ -268,10 +268,7 @@ def model_reports(
     from agent.linear import combine_log_probs, crossfit_weight
 
     labels = linear.labels
-    rows = slices.get("all") or []
-    older, recent = slices.get("older") or [], slices.get("recent") or []
-    if rows != older + recent:
-        raise ValueError("slices['all'] must be slices['older'] + slices['recent']")
+    rows, n_older = _holdout_rows(slices)
     out: dict[str, dict[str, EvalReport]] = {"transformer": {}, "linear": {}, "combined": {}}
     if not rows:
         return out, linear.config.weight if weight is None else weight
@@ -283,13 +280,25 @@ def model_reports(
     else:
         per_row = np.full(len(rows), weight)
     comb = combine_log_probs(logits, lin, per_row[:, None])
-    cut = len(older)
     for model, z in (("transformer", logits), ("linear", lin), ("combined", comb)):
-        preds = [labels[i] for i in z.argmax(axis=1)]
-        for name, lo, hi in (("older", 0, cut), ("recent", cut, len(rows)), ("all", 0, len(rows))):
-            if hi > lo:
-                out[model][name] = evaluate(preds[lo:hi], truth[lo:hi])
+        out[model] = _slice_reports([labels[i] for i in z.argmax(axis=1)], truth, n_older)
     return out, float(weight)
+
+
+def _holdout_rows(slices: dict[str, list[tuple[str, str]]]) -> tuple[list[tuple[str, str]], int]:
+    """The holdout's rows (``slices["all"]``, which must be older then recent) and how many are older."""
+    rows = slices.get("all") or []
+    older, recent = slices.get("older") or [], slices.get("recent") or []
+    if rows != older + recent:
+        raise ValueError("slices['all'] must be slices['older'] + slices['recent']")
+    return rows, len(older)
+
+
+def _slice_reports(preds: list[str], truth: list[str], n_older: int) -> dict[str, EvalReport]:
+    """Reports on the older, recent and all slices from one pass over the holdout."""
+    n = len(truth)
+    cuts = (("older", 0, n_older), ("recent", n_older, n), ("all", 0, n))
+    return {name: evaluate(preds[lo:hi], truth[lo:hi]) for name, lo, hi in cuts if hi > lo}
 
 
 def evaluate_adapter(
@@ -298,15 +307,18 @@ def evaluate_adapter(
     """Accuracy per slice with the serving runtime (ONNX Runtime), as the box would answer."""
     from agent.engine import InferenceEngine
 
+    # Each distinct text once: the holdout's "all" slice repeats older + recent, and plant text repeats.
+    texts = list(dict.fromkeys(t for rows in slices.values() for t, _ in rows))
+    if not texts:
+        return {}
     adapter = Path(adapter_dir) if adapter_dir else None
     with InferenceEngine.open(Path(bundle_dir), _eval_config(precision), adapter_dir=adapter) as engine:
-        out = {}
-        for name, rows in slices.items():
-            if not rows:
-                continue
-            preds = engine.predict([t for t, _ in rows], timeout=600)
-            out[name] = evaluate([p.label for p in preds], [lab for _, lab in rows])
-    return out
+        label_of = {t: p.label for t, p in zip(texts, engine.predict(texts, timeout=600), strict=True)}
+    return {
+        name: evaluate([label_of[t] for t, _ in rows], [lab for _, lab in rows])
+        for name, rows in slices.items()
+        if rows
+    }
 
 
 def run_round(spec: RoundSpec) -> RoundResult:
@@ -404,7 +416,7 @@ def run_linear_refresh(spec: RoundSpec, labels: list[str]) -> RoundResult:
     Seconds: the drifted stream's new words reach the box's answers between rounds."""
     from agent.adapters import read_meta, write_meta
     from agent.engine import InferenceEngine
-    from agent.linear import read_linear, read_serving, save_linear
+    from agent.linear import read_linear, read_serving
 
     out = Path(spec.out_dir)
     result = RoundResult("no_data", spec.version)
@@ -419,23 +431,18 @@ def run_linear_refresh(spec: RoundSpec, labels: list[str]) -> RoundResult:
     if linear is None:
         result.message = str(result.linear.get("skipped"))
         return result
-    linear.config.version = spec.version
     older, recent = read_holdout(spec.db_path, labels, spec.since_sample_id)
     slices = {"older": older, "recent": recent, "all": older + recent}
     with InferenceEngine.open(Path(spec.bundle_dir), _eval_config(spec.precision), adapter_dir=out) as engine:
         logits = transformer_logits_of(engine, slices)
-    models, linear.config.weight = model_reports(logits, slices, linear)
-    linear.config.metrics = {m: {k: r.accuracy for k, r in reports.items()} for m, reports in models.items()}
-    save_linear(out, linear)
+    models, weight = model_reports(logits, slices, linear)
+    _keep_linear(result, out, linear, spec.version, models, weight)
     # The unit is a new version (predictions, the cache and the registry name it); its LoRA
     # weights stay those of the version it refreshes, named in ``parent``.
     meta = read_meta(out)
     write_meta(out, replace(meta, version=spec.version, parent=meta.version))
-    result.candidate_models = {m: {k: asdict(v) for k, v in r.items()} for m, r in models.items()}
-    result.candidate = result.candidate_models["transformer"]
     now = model_reports(logits, slices, current, current.config.weight)[0][serving]
     result.active = {k: asdict(v) for k, v in now.items()}
-    result.linear["weight"] = linear.config.weight
     result.linear["torch_imported"] = "torch" in sys.modules  # a refresh must stay light
     result.status = "trained"
     log.info(
@@ -445,6 +452,26 @@ def run_linear_refresh(spec: RoundSpec, labels: list[str]) -> RoundResult:
         len(older) + len(recent),
     )
     return result
+
+
+def _keep_linear(
+    result: RoundResult,
+    out_dir: Path,
+    linear: LinearModel,
+    version: str,
+    models: dict[str, dict[str, EvalReport]],
+    weight: float,
+) -> None:
+    """The candidate's linear model saved in its directory with its weight and holdout figures, and
+    the three models' reports in the result (``candidate`` the transformer's until the gate chooses)."""
+    from agent.linear import save_linear
+
+    linear.config.weight, linear.config.version = weight, version
+    linear.config.metrics = {m: {k: r.accuracy for k, r in reports.items()} for m, reports in models.items()}
+    save_linear(out_dir, linear)
+    result.linear["weight"] = weight
+    result.candidate_models = {m: {k: asdict(v) for k, v in r.items()} for m, r in models.items()}
+    result.candidate = result.candidate_models["transformer"]
 
 
 def _evaluate(
@@ -458,18 +485,8 @@ def _evaluate(
     older, recent = read_holdout(spec.db_path, labels, spec.since_sample_id)
     slices = {"older": older, "recent": recent, "all": older + recent}
     if linear is not None:
-        from agent.linear import save_linear
-
         models, weight = evaluate_models(spec.bundle_dir, spec.out_dir, spec.precision, slices, linear)
-        linear.config.weight = weight
-        linear.config.version = spec.version
-        linear.config.metrics = {
-            m: {k: r.accuracy for k, r in reports.items()} for m, reports in models.items()
-        }
-        save_linear(Path(spec.out_dir), linear)
-        result.linear["weight"] = weight
-        result.candidate_models = {m: {k: asdict(v) for k, v in r.items()} for m, r in models.items()}
-        result.candidate = result.candidate_models["transformer"]
+        _keep_linear(result, Path(spec.out_dir), linear, spec.version, models, weight)
     else:
         result.candidate = {
             k: asdict(v)
