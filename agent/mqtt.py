@@ -160,11 +160,14 @@ class MqttClient:
         on_message: Callable[[InboundMessage], None],
         on_connection_change: Callable[[bool], None] | None = None,
         resume_marker_topic: str | None = None,
+        qos0_topics: frozenset[str] = frozenset(),
     ):
         self._broker = broker
         self._client_id = client_id
         # topic -> whether the broker should send its retained message when we subscribe
         self._subscriptions = dict(subscriptions)
+        # Subscribed at QoS 0 (see ``agent.daemon.app.REQUEST_KINDS``); the rest at QoS 1.
+        self._qos0_topics = qos0_topics
         self._on_message_cb = on_message
         self._on_connection_change = on_connection_change
         self._lock = threading.Lock()
@@ -487,7 +490,9 @@ class MqttClient:
             f" after {failures} failed attempts" if failures else "",
         )
         # topic -> (QoS, send the retained message)
-        subscriptions = {t: (QOS, retained) for t, retained in self._subscriptions.items()}
+        subscriptions = {
+            t: (0 if t in self._qos0_topics else QOS, retained) for t, retained in self._subscriptions.items()
+        }
         subscriptions[self._marker_topic] = (QOS, False)
         if self._broker.read_sys_dropped:
             # QoS 0: mosquitto sends $SYS at the subscription's QoS, and at QoS 1 it would queue

@@ -23,6 +23,9 @@
 | ``sync``        | out       | no       | sync events: upload queued/acknowledged/refused, global    |
 |                 |           |          | verified/refused (with the reason)                         |
 
+``infer/req`` and ``cmd`` are subscribed at QoS 0 (``agent.daemon.app.REQUEST_KINDS`` says why),
+everything else inbound at QoS 1.
+
 Errors always look like ``{"id": ..., "error": {"code": ..., "message": ...}}``; the codes are
 ``agent.messages.ErrorCode``. Only errors are published on ``samples/res``, ``feedback/res`` and
 ``events/res``: at full ingest rate a success per sample would double the broker's load.

@@ -41,6 +41,15 @@ from agent.topics import Kind, Topics
 
 log = logging.getLogger(__name__)
 
+# Requests are answered now or not at all, so the box subscribes to them at QoS 0. The broker lets
+# only ``broker.receive_maximum`` QoS 1 messages be in flight to a connection before it waits for
+# acks, and samples, feedback and events are acked only after their commit: while the store cannot
+# commit (a full disk) they fill that window, and a QoS 1 request behind them would wait until the
+# disk had room again (the chaos suite's disk_full found it). QoS 0 messages pass a full window.
+# A request sent while the box is offline is not queued for it (queue_qos0_messages false): its
+# sender times out and asks again, instead of getting a late answer after a reconnect.
+REQUEST_KINDS = frozenset({Kind.INFER, Kind.COMMAND})
+
 # Seconds SIGTERM waits for in-flight inference and the last commit.
 DRAIN_TIMEOUT_S = 10.0
 # The writer must have looped this recently for the watchdog to be fed.
@@ -188,6 +197,7 @@ class EdgeAgent:
             subscriptions=subscriptions,
             on_message=lambda msg: self.dispatcher.on_message(msg),
             on_connection_change=self._on_connection_change,
+            qos0_topics=frozenset(t for t, kind in self.topics.inbound().items() if kind in REQUEST_KINDS),
         )
         self.replier = Replier(self.transport, self.topics, self.counters)
         self.dispatcher = Dispatcher(self.topics, self.replier, self.counters, lambda: self.draining)

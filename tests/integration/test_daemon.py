@@ -397,6 +397,40 @@ def test_locked_database_keeps_samples_unacked_then_commits(start_agent, peer, b
     wait_until(lambda: agent.app.writer.storage_error is None)
 
 
+def test_samples_held_by_a_failing_store_do_not_block_requests(start_agent, peer, broker, tiny_bundle, tmp_path):
+    """Samples wait unacked while the store cannot commit and fill the broker's in-flight window to
+    the box (here 10); requests and commands (QoS 0) still get through, a config once it can be
+    recorded."""
+    config = write_agent_config(
+        tmp_path / "locked.toml",
+        broker,
+        tiny_bundle,
+        tmp_path / "data",
+        extra="[store]\nbusy_timeout_ms = 50\n",
+        broker_extra="receive_maximum = 10\n",
+    )
+    agent = start_agent(config)
+    db = db_path(config)
+    blocker = sqlite3.connect(db)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        for i in range(40):
+            peer.publish("samples", {"id": f"H{i}", "text": f"held {i}", "label": "normal"})
+        peer.expect("samples/res", lambda m: m["error"]["code"] == "storage_error")
+        peer.publish("infer/req", {"id": "through", "text": "breaker tripped"})
+        assert peer.expect("infer/res", lambda m: m["id"] == "through", timeout=10).json["predictions"]
+        peer.publish("cmd", {"id": "st", "cmd": "status"})
+        status = peer.expect("cmd/res", lambda m: m["id"] == "st", timeout=10).json["result"]
+        assert status["storage_error"] and status["counters"]["storage_errors"]["locked"] >= 1
+        # A config (QoS 1, retained) waits in line with the samples: it could not be recorded now.
+        peer.publish("config", {"version": 3, "inference": {"top_k": 1}}, retain=True)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    peer.expect("config/state", lambda m: m["version"] == 3 and m["status"] == "accepted", timeout=20)
+    wait_until(lambda: query(db, "SELECT count(*) FROM samples")[0][0] == 40, what="all 40 committed later")
+
+
 # ---- broker restart -----------------------------------------------------------------------------
 
 
