@@ -8,7 +8,10 @@ Each row becomes a labeled sample, `{"id", "text", "label", "ts"}` at QoS 1 on
     python -m tools.replay work_orders.csv --text-col description --label-col category \\
         --time-col created --site-col plant --broker localhost --port 1883 --speed 60
 
-`load_csv` is the reusable part: benchmarks read the same CSVs through it.
+`load_csv` is the reusable part: benchmarks read the same CSVs through it. For entity recognition,
+`load_conll` (one token per line, BIO or BIOES/BILOU tags) and `load_span_jsonl` (texts with
+character-offset spans) read annotated corpora into `(text, [(start, end, label), ...])` pairs, the
+form `tools.workorders` and `tools.bench.crf` use.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tools.simulate import (
     EXIT_BAD_INPUT,
@@ -33,7 +38,16 @@ from tools.simulate import (
     samples_topic,
 )
 
-__all__ = ["CsvFormatError", "load_csv", "main"]
+__all__ = [
+    "CsvFormatError",
+    "ConllFormatError",
+    "SpanFormatError",
+    "EntityExample",
+    "load_csv",
+    "load_conll",
+    "load_span_jsonl",
+    "main",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +56,18 @@ DEFAULT_SITE = "site0"
 
 class CsvFormatError(ValueError):
     """A CSV that cannot be replayed: a missing column or a bad row, named in the message."""
+
+
+class ConllFormatError(ValueError):
+    """A CoNLL file that cannot be read: the line number and what is wrong are in the message."""
+
+
+class SpanFormatError(ValueError):
+    """A span JSONL file that cannot be read: the line number and what is wrong are in the message."""
+
+
+# A text and its entity spans, sorted by start: text[start:end] is the entity.
+EntityExample = tuple[str, list[tuple[int, int, str]]]
 
 
 def _parse_time(raw: str) -> float:
@@ -126,6 +152,156 @@ def load_csv(
         LabeledText(text=text, label=label, site=site, ts=when - start, drifted=False)
         for text, label, site, when in rows
     ]
+
+
+_TAG_PREFIXES = frozenset("BIESLU")  # B/I (BIO), E/S (BIOES), L/U (BILOU)
+
+
+def load_conll(path: str | Path) -> list[EntityExample]:
+    """Sentences of a CoNLL-style file as `(text, spans)`, in file order.
+
+    One token per line, its tag in the last whitespace-separated column (tab-separated lines split
+    on tabs only, so a token may hold spaces), a blank line between sentences; `-DOCSTART-` lines
+    are skipped. Tags are `O` or a prefix B-/I- (BIO, IOB1), E-/S- (BIOES) or L-/U- (BILOU) and a
+    label. The text is the tokens joined by single spaces, the spans are character offsets into it.
+    An I-/E-/L- tag that does not continue an entity of its label starts one (IOB1 files begin
+    entities with I-). Raises `ConllFormatError` naming the line of a tag or line it cannot read.
+    """
+    path = Path(path)
+    sentences: list[EntityExample] = []
+    tokens: list[str] = []
+    spans: list[tuple[int, int, str]] = []
+    current: list[Any] | None = None  # [start, end, label] of the entity being read
+    at = 0  # length of the text so far
+
+    def close() -> None:
+        nonlocal current
+        if current is not None:
+            spans.append((current[0], current[1], current[2]))
+            current = None
+
+    def end_sentence() -> None:
+        nonlocal tokens, spans, at
+        close()
+        if tokens:
+            sentences.append((" ".join(tokens), spans))
+        tokens, spans, at = [], [], 0
+
+    with open(path, encoding="utf-8-sig") as f:  # -sig: tools on Windows write a BOM
+        for line_no, raw in enumerate(f, start=1):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                end_sentence()
+                continue
+            fields = line.split("\t") if "\t" in line else line.split()
+            fields = [field.strip() for field in fields]
+            if fields[0] == "-DOCSTART-":
+                end_sentence()
+                continue
+            where = f"{path}: line {line_no}"
+            if len(fields) < 2 or not fields[0] or not fields[-1]:
+                raise ConllFormatError(f"{where}: want a token and a tag, got {line!r}")
+            token, tag = fields[0], fields[-1]
+            start = at + (1 if tokens else 0)
+            end = start + len(token)
+            tokens.append(token)
+            at = end
+            if tag == "O":
+                close()
+                continue
+            prefix, dash, label = tag.partition("-")
+            if not dash or prefix.upper() not in _TAG_PREFIXES or not label:
+                raise ConllFormatError(
+                    f"{where}: tag {tag!r} is not O or B-/I-/E-/S-/L-/U- followed by a label"
+                )
+            prefix = prefix.upper()
+            continues = current is not None and current[2] == label
+            if prefix in "IEL" and continues:
+                assert current is not None
+                current[1] = end
+            else:
+                close()
+                current = [start, end, label]
+            if prefix in "ESLU":  # the entity ends with this token
+                close()
+    end_sentence()
+    return sentences
+
+
+def _span(entry: Any, text: str, where: str) -> tuple[int, int, str]:
+    if isinstance(entry, dict):
+        missing = [key for key in ("start", "end", "label") if key not in entry]
+        if missing:
+            raise SpanFormatError(f"{where}: entity {entry!r} has no {', '.join(missing)}")
+        start, end, label = entry["start"], entry["end"], entry["label"]
+    elif isinstance(entry, list | tuple) and len(entry) == 3:
+        start, end, label = entry
+    else:
+        raise SpanFormatError(
+            f"{where}: entity {entry!r} is neither {{start, end, label}} nor [start, end, label]"
+        )
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
+        raise SpanFormatError(f"{where}: entity {entry!r}: start and end must be integers")
+    if not isinstance(label, str) or not label.strip():
+        raise SpanFormatError(f"{where}: entity {entry!r}: label must be a non-empty string")
+    if not 0 <= start < end <= len(text):
+        raise SpanFormatError(
+            f"{where}: entity {entry!r}: want 0 <= start < end <= {len(text)} (the text's length)"
+        )
+    # Annotation tools often take the space after a word into a span; the entity is the word.
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    if start == end:
+        raise SpanFormatError(f"{where}: entity {entry!r} covers only whitespace")
+    return start, end, label.strip()
+
+
+def load_span_jsonl(path: str | Path) -> list[EntityExample]:
+    """Lines of `{"text", "entities"}` as `(text, spans)`, in file order.
+
+    `entities` holds `{"start", "end", "label"}` objects or `[start, end, label]` triples (as
+    doccano and label-studio exports write them; the key may also be `label`); other keys (`id`,
+    `site`, ...) are ignored and blank lines skipped. Spans are trimmed of surrounding whitespace
+    and sorted; overlapping spans, offsets outside the text and lines that are not such JSON raise
+    `SpanFormatError` with the line number.
+    """
+    path = Path(path)
+    examples: list[EntityExample] = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SpanFormatError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise SpanFormatError(f"{where}: want a JSON object, got {type(record).__name__}")
+            text = record.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise SpanFormatError(f"{where}: 'text' must be a non-empty string")
+            key = (
+                "entities"
+                if "entities" in record
+                else "label"
+                if isinstance(record.get("label"), list)
+                else None
+            )
+            entries = record.get(key, []) if key else []
+            if not isinstance(entries, list):
+                raise SpanFormatError(f"{where}: '{key}' must be a list")
+            spans = sorted(_span(entry, text, where) for entry in entries)
+            for (s1, e1, l1), (s2, e2, l2) in zip(spans, spans[1:], strict=False):
+                if s2 < e1:
+                    raise SpanFormatError(
+                        f"{where}: entities {text[s1:e1]!r} ({s1}-{e1} {l1}) and {text[s2:e2]!r}"
+                        f" ({s2}-{e2} {l2}) overlap"
+                    )
+            examples.append((text, spans))
+    return examples
 
 
 def _parser() -> argparse.ArgumentParser:
