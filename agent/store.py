@@ -286,7 +286,11 @@ class Store:
         self._synchronous = synchronous.upper()
         self._busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        # Every thread's connection, with its thread: close() closes them all, and a connection
+        # whose thread has ended is closed when the next thread connects (the list would otherwise
+        # keep it, and its file descriptors, open for as long as the daemon runs: the chaos soak's
+        # fds grew 13 -> 85 on the database in 5 minutes of rounds).
+        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._conns_lock = threading.Lock()
         # Writer-thread state, kept in step with the table by write() and enforce_retention().
         self._label_counts: dict[str, list[int]] = {}
@@ -310,8 +314,18 @@ class Store:
             db = Database(conn)
             self._local.db = db
             with self._conns_lock:
-                self._conns.append(conn)
+                self._close_ended_threads_connections()
+                self._conns.append((threading.current_thread(), conn))
         return db
+
+    def _close_ended_threads_connections(self) -> None:
+        ended = [conn for thread, conn in self._conns if not thread.is_alive()]
+        self._conns = [(t, c) for t, c in self._conns if t.is_alive()]
+        for conn in ended:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                log.warning("store: closing an ended thread's connection failed", exc_info=True)
 
     def open(self) -> Store:
         """Create the directory, switch to WAL, run pending migrations, load counters."""
@@ -333,7 +347,7 @@ class Store:
 
     def close(self) -> None:
         with self._conns_lock:
-            conns, self._conns = self._conns, []
+            conns, self._conns = [c for _, c in self._conns], []
         for conn in conns:
             try:
                 conn.close()

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -330,3 +332,29 @@ def test_recent_holdout_texts_are_newest_first(tmp_path):
     ids = [int(t[1:]) for t in texts]
     assert ids == sorted(ids, reverse=True)
     store.close()
+
+
+def _open_fds_on(path: Path) -> int:
+    fds = Path("/proc/self/fd")
+    n = 0
+    for fd in fds.iterdir():
+        try:
+            n += os.readlink(fd).startswith(str(path))
+        except OSError:
+            continue
+    return n
+
+
+def test_connections_of_ended_threads_are_closed(store):
+    """Each thread gets its own connection; one whose thread ended must not stay open for good."""
+    before = _open_fds_on(store.path)
+
+    def read() -> None:
+        store.db.execute("SELECT count(*) FROM samples").fetchone()
+
+    for _ in range(30):
+        t = threading.Thread(target=read)
+        t.start()
+        t.join()
+    # Only the last thread's connection is still open (closed when the next one connects).
+    assert _open_fds_on(store.path) - before <= 3  # its database, -wal and -shm
