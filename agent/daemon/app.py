@@ -227,6 +227,10 @@ class EdgeAgent:
             publish=self._learner_event,
             on_spawn=cgroup.add if cgroup is not None else None,
         )
+        if self.runtime.learning.fast_learner:
+            from agent.linear import preload
+
+            preload()
         restored = self.learner.restore_active()
         if restored:
             log.info("adapter %s restored from the registry", restored)
