@@ -8,8 +8,6 @@ from tools.bench import crf
 from tools.bench.crf import CrfBaseline, bio_to_spans, entity_f1, spans_to_bio, tokenize
 from tools.workorders import WorkOrder, workorder_dataset
 
-pytest.importorskip("sklearn_crfsuite")
-
 
 def words(text: str) -> list[str]:
     return [text[s:e] for s, e in tokenize(text)]
