@@ -25,14 +25,19 @@ from agent import lora_graph
 from agent.bundle import (
     BASE_WEIGHTS,
     MANIFEST,
+    TASKS,
     TOKENIZER_JSON,
     BundleError,
     BundleManifest,
+    EntitySpec,
     LoraSpec,
     PrecisionFile,
+    TagSchemeName,
+    Task,
     sha256_file,
 )
 from agent.durable import staged_dir, write_json_atomic
+from agent.entities import TagScheme
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +117,14 @@ def build_bundle(
     seed: int = 0,
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
+    task: Task = "sequence-classification",
+    tag_scheme: TagSchemeName = "BIO",
 ) -> BundleManifest:
     """Build a bundle into ``out_dir`` (replaced atomically when complete) and return its manifest.
 
-    ``progress(stage)`` is called as each of ``build_stages(precisions)`` begins (the CLI's bar)."""
+    ``progress(stage)`` is called as each of ``build_stages(precisions)`` begins (the CLI's bar).
+    With ``task="token-classification"``, ``labels`` are entity labels and the head predicts their
+    ``tag_scheme`` tags per token (the manifest's ``labels`` are then the tags)."""
 
     def step(stage: str) -> None:
         if progress is not None:
@@ -124,7 +133,12 @@ def build_bundle(
     step("load")
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
 
     model_path = Path(model_path) if model_path else default_model_path()
     labels = labels or load_labels(DEFAULT_LABELS_FILE)
@@ -136,13 +150,21 @@ def build_bundle(
             f"{model_path}: model_type {config.model_type!r} is not supported (supported: "
             f"{sorted(SUPPORTED_ARCHITECTURES)}); the fused-attention LoRA graph is built for BERT encoders"
         )
+    if task not in TASKS:
+        raise BundleError(f"task {task!r} is not one of {list(TASKS)}")
+    per_token = task == "token-classification"
+    entities = EntitySpec(scheme=tag_scheme, labels=labels) if per_token else None
+    head_labels = TagScheme(labels, tag_scheme).tags if per_token else labels
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    auto_model = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
+    model = auto_model.from_pretrained(
         model_path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={lab: i for i, lab in enumerate(labels)},
+        id2label=dict(enumerate(head_labels)),
+        label2id={lab: i for i, lab in enumerate(head_labels)},
         attn_implementation="eager",
+        # A checkpoint's own head (another label set, or a sequence head under a token one) is
+        # replaced by a fresh one of this bundle's size; the encoder is what is kept.
+        ignore_mismatched_sizes=True,
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if not getattr(tokenizer, "is_fast", False):
@@ -177,7 +199,7 @@ def build_bundle(
         fused = _fuse(plain, heads, hidden)
         # Only the dense projections the learner trains get a branch: a q/v bundle stays lean.
         dense = [t for t in lora_graph.DENSE_TARGETS if t in lora.targets]
-        info = lora_graph.add_lora_and_head_inputs(fused, hidden, layers, dense)
+        info = lora_graph.add_lora_and_head_inputs(fused, hidden, layers, dense, per_token=per_token)
         lora_graph.drop_initializer_value_info(fused)
         onnx.checker.check_model(fused)
         files: dict[str, PrecisionFile] = {}
@@ -204,14 +226,16 @@ def build_bundle(
             source=str(getattr(config, "_name_or_path", "") or model_path),
             architecture=type(model).__name__,
             base_hash=sha256_file(work / BASE_WEIGHTS),
-            labels=labels,
+            task=task,
+            labels=head_labels,
+            entities=entities,
             hidden_size=hidden,
             num_layers=layers,
             num_heads=heads,
             max_length=max_length,
             lora=lora.model_copy(update={"graph_inputs": info.lora_inputs}),
             head={"weight": lora_graph.HEAD_WEIGHT, "bias": lora_graph.HEAD_BIAS},
-            outputs=["logits", lora_graph.POOLED_OUTPUT],
+            outputs=["logits"] if per_token else ["logits", lora_graph.POOLED_OUTPUT],
             precisions=files,
             opset=OPSET,
             tools=_versions(),

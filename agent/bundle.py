@@ -28,6 +28,22 @@ LoraTarget = Literal["query", "key", "value", "attention_output", "intermediate"
 ALL_LORA_TARGETS: tuple[LoraTarget, ...] = get_args(LoraTarget)
 
 
+# What the head predicts: one label per text, or one tag per token (entities). Every part that
+# behaves differently by task asks the manifest's ``task``, nothing else.
+Task = Literal["sequence-classification", "token-classification"]
+TASKS: tuple[Task, ...] = get_args(Task)
+TagSchemeName = Literal["BIO", "BILOU"]
+
+
+class EntitySpec(BaseModel):
+    """A token-classification bundle's entities: its head's outputs are ``agent.entities.TagScheme``
+    tags of these labels (``labels`` in the manifest, "O" first)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scheme: TagSchemeName = "BIO"
+    labels: list[str] = Field(min_length=1, description="entity labels, e.g. ASSET, PART")
+
+
 class BundleError(ValueError):
     """A bundle is missing, incomplete or does not match what the caller expects."""
 
@@ -67,7 +83,9 @@ class BundleManifest(BaseModel):
     source: str = Field(description="the encoder the bundle was built from")
     architecture: str
     base_hash: str = Field(description="sha256 of base.safetensors; adapters name the base they fit")
-    labels: list[str]
+    task: Task = "sequence-classification"
+    labels: list[str] = Field(description="the head's outputs: classes, or tags for token classification")
+    entities: EntitySpec | None = Field(None, description="token classification only")
     hidden_size: int
     num_layers: int
     num_heads: int

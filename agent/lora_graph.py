@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -75,13 +76,18 @@ def _attr(node: onnx.NodeProto, name: str) -> int:
 
 
 def add_lora_and_head_inputs(
-    model: onnx.ModelProto, hidden_size: int, num_layers: int, dense_targets: Sequence[str] = DENSE_TARGETS
+    model: onnx.ModelProto,
+    hidden_size: int,
+    num_layers: int,
+    dense_targets: Sequence[str] = DENSE_TARGETS,
+    per_token: bool = False,
 ) -> LoraGraphInfo:
     """Rewrite a fused BERT graph in place: LoRA branches per layer, overridable head, pooled output.
 
     The packed q/k/v branch is always there (splitting the fused attention needs it anyway);
     ``dense_targets`` chooses which dense projections get one: each costs three small nodes per
-    layer, which shows at batch 1 (LoRA overhead in the README's figures).
+    layer, which shows at batch 1 (LoRA overhead in the README's figures). ``per_token``: the head
+    is a token-classification head (logits per token; no pooled output).
     """
     g = model.graph
     attention = [n for n in g.node if n.op_type == "Attention"]
@@ -141,7 +147,7 @@ def add_lora_and_head_inputs(
         raise GraphSurgeryError(f"unknown dense LoRA targets {sorted(unknown)}; known: {list(DENSE_TARGETS)}")
     if dense_targets:
         lora_nodes += _add_dense_branches(g, mha_outputs, lora_inputs, dense_targets)
-    head = _make_head_overridable(model, h)
+    head = _make_head_overridable(model, h, per_token)
     return LoraGraphInfo(num_layers, h, lora_inputs, lora_nodes, head)
 
 
@@ -225,46 +231,68 @@ def _add_dense_branches(
     return lora_nodes
 
 
-def _make_head_overridable(model: onnx.ModelProto, hidden_size: int) -> str:
+def _head_nodes(g: onnx.GraphProto, logits: str) -> tuple[list[onnx.NodeProto], str, Any, Any]:
+    """The exporter's classifier: (nodes to replace, their input, weight [L, H], bias [L]).
+
+    A sequence head is a Gemm on the pooled vector (transB: weight [L, H]); a token head, a Linear
+    on every token's hidden state, exports as MatMul on a pre-transposed weight [H, L] plus Add."""
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    head = producer.get(logits)
+    if head is not None and head.op_type == "Gemm" and len(head.input) >= 3:
+        if not any(a.name == "transB" and a.i == 1 for a in head.attribute):
+            raise GraphSurgeryError("classifier Gemm without transB: unexpected exporter output")
+        w, b = numpy_helper.to_array(inits[head.input[1]]), numpy_helper.to_array(inits[head.input[2]])
+        return [head], head.input[0], w, b
+    if head is not None and head.op_type == "Add":
+        bias_name = next((i for i in head.input if i in inits), None)
+        matmul = next(
+            (producer[i] for i in head.input if i in producer and producer[i].op_type == "MatMul"), None
+        )
+        if bias_name is not None and matmul is not None and matmul.input[1] in inits:
+            w_t = numpy_helper.to_array(inits[matmul.input[1]])
+            return [matmul, head], matmul.input[0], w_t.T.copy(), numpy_helper.to_array(inits[bias_name])
+    raise GraphSurgeryError("no Gemm or MatMul+Add classifier head produces the logits output")
+
+
+def _make_head_overridable(model: onnx.ModelProto, hidden_size: int, per_token: bool = False) -> str:
     g = model.graph
     logits = g.output[0].name
-    head = next((n for n in g.node if logits in n.output and n.op_type == "Gemm"), None)
-    if head is None or len(head.input) < 3:
-        raise GraphSurgeryError("no Gemm classifier head produces the logits output")
-    inits = {t.name: t for t in g.initializer}
-    w, b = inits[head.input[1]], inits[head.input[2]]
-    trans_b = any(a.name == "transB" and a.i == 1 for a in head.attribute)
-    if not trans_b:
-        raise GraphSurgeryError("classifier Gemm without transB: unexpected exporter output")
+    old, head_in, w, b = _head_nodes(g, logits)
     # Copies, not renames: exporters share one initializer between equal tensors (a zero bias).
-    g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(w), HEAD_WEIGHT))
-    g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(b), HEAD_BIAS))
+    g.initializer.append(numpy_helper.from_array(w, HEAD_WEIGHT))
+    g.initializer.append(numpy_helper.from_array(b, HEAD_BIAS))
     # Gemm would be rewritten by the INT8 quantizer into MatMul on a *transposed copy* of the
     # weight, dropping the overridable input; an explicit Transpose keeps it a graph input.
-    pooled_in, logits_out = head.input[0], head.output[0]
     replacement = [
         helper.make_node("Transpose", [HEAD_WEIGHT], ["head.weight_t"], perm=[1, 0], name="head.transpose"),
-        helper.make_node("MatMul", [pooled_in, "head.weight_t"], ["head.matmul_out"], name=HEAD_NODE),
-        helper.make_node("Add", ["head.matmul_out", HEAD_BIAS], [logits_out], name="head.add"),
+        helper.make_node("MatMul", [head_in, "head.weight_t"], ["head.matmul_out"], name=HEAD_NODE),
+        helper.make_node("Add", ["head.matmul_out", HEAD_BIAS], [logits], name="head.add"),
     ]
     nodes: list[onnx.NodeProto] = []
     for n in g.node:
-        nodes.extend(replacement if n is head or n == head else [n])
+        if n is old[-1]:
+            nodes.extend(replacement)
+        elif not any(n is o for o in old):
+            nodes.append(n)
     del g.node[:]
     g.node.extend(nodes)
     g.input.append(helper.make_tensor_value_info(HEAD_WEIGHT, TensorProto.FLOAT, ["num_labels", hidden_size]))
     g.input.append(helper.make_tensor_value_info(HEAD_BIAS, TensorProto.FLOAT, ["num_labels"]))
+    lead = ["batch", "seq"] if per_token else ["batch"]
+    g.output[0].CopyFrom(helper.make_tensor_value_info(logits, TensorProto.FLOAT, [*lead, "num_labels"]))
+    if per_token:
+        return HEAD_NODE
     # The head's input is the pooled sentence vector: exposing it costs nothing and gives the
     # learner and drift detection an embedding without a second model. Renamed at its producer
     # (an Identity on a graph output trips ORT's identity elimination).
     for n in g.node:
         for i, name in enumerate(n.output):
-            if name == pooled_in:
+            if name == head_in:
                 n.output[i] = POOLED_OUTPUT
         for i, name in enumerate(n.input):
-            if name == pooled_in:
+            if name == head_in:
                 n.input[i] = POOLED_OUTPUT
-    g.output[0].CopyFrom(helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", "num_labels"]))
     g.output.append(helper.make_tensor_value_info(POOLED_OUTPUT, TensorProto.FLOAT, ["batch", hidden_size]))
     return HEAD_NODE
 
