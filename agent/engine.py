@@ -46,7 +46,7 @@ from tokenizers import Tokenizer
 
 from agent import providers as prov
 from agent.adapters import AdapterError, OrtAdapter, read_adapter, write_ort_adapter
-from agent.bundle import TOKENIZER_JSON, BundleManifest, load_manifest
+from agent.bundle import TOKENIZER_JSON, BundleError, BundleManifest, load_manifest
 from agent.linear import LinearModel, combine_log_probs
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,11 @@ class InferenceEngine:
         config = config or EngineConfig()
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir)
+        if manifest.task != "sequence-classification":
+            # Spans out of a token head (agent.entities) are not wired into serving yet.
+            raise BundleError(
+                f"{bundle_dir}: a {manifest.task} bundle; the engine serves sequence-classification bundles"
+            )
         owns = work_dir is None
         work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="edge-agent-adapters-"))
         work_dir.mkdir(parents=True, exist_ok=True)

@@ -95,3 +95,11 @@ def test_per_token_logits_and_spans_match_torch(token_bundle, precision):
             assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
     if precision == "fp32":
         assert spans_found > len(TEXTS)  # not trivially empty
+
+
+def test_the_classification_engine_refuses_a_token_bundle_with_a_sentence(token_bundle):
+    from agent.bundle import BundleError
+    from agent.engine import EngineConfig, InferenceEngine
+
+    with pytest.raises(BundleError, match="token-classification bundle"):
+        InferenceEngine.open(token_bundle, EngineConfig(precision="fp32", provider="cpu"))
