@@ -29,23 +29,30 @@ def keyword_samples(n: int, seed: int, shuffle_labels: bool = False) -> list[tup
     return out
 
 
-def make_tiny_bert(out: Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+def tiny_bert_config(vocab_size: int, **labels):
+    """Two layers of 32 wide: the real BERT architecture at a size that runs in milliseconds."""
+    from transformers import BertConfig
 
-    from agent.build import default_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
+    return BertConfig(
+        vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=128,
-        num_labels=len(TINY_LABELS),
+        **labels,
     )
+
+
+def make_tiny_bert(out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from agent.build import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(seed)
+    config = tiny_bert_config(tokenizer.vocab_size, num_labels=len(TINY_LABELS))
     model = BertForSequenceClassification(config).eval()
     # Random init gives near-identical logits for every text; widen the weights so that
     # predictions and adapters visibly change outputs.

@@ -368,18 +368,25 @@ def test_message_on_an_unknown_subtopic_is_ignored(start_agent, peer):
 # ---- storage failures ---------------------------------------------------------------------------
 
 
-def test_locked_database_keeps_samples_unacked_then_commits(start_agent, peer, broker, tiny_bundle, tmp_path):
+def agent_on_a_locked_store(start_agent, broker, tiny_bundle, tmp_path, broker_extra: str = ""):
+    """An agent whose database another writer holds locked: (agent, db path, the blocker)."""
     config = write_agent_config(
         tmp_path / "locked.toml",
         broker,
         tiny_bundle,
         tmp_path / "data",
         extra="[store]\nbusy_timeout_ms = 50\n",
+        broker_extra=broker_extra,
     )
     agent = start_agent(config)
     db = db_path(config)
     blocker = sqlite3.connect(db)
-    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    blocker.execute("BEGIN IMMEDIATE")
+    return agent, db, blocker
+
+
+def test_locked_database_keeps_samples_unacked_then_commits(start_agent, peer, broker, tiny_bundle, tmp_path):
+    agent, db, blocker = agent_on_a_locked_store(start_agent, broker, tiny_bundle, tmp_path)
     try:
         for i in range(5):
             peer.publish("samples", {"id": f"L{i}", "text": f"locked {i}", "label": "normal"})
@@ -397,22 +404,15 @@ def test_locked_database_keeps_samples_unacked_then_commits(start_agent, peer, b
     wait_until(lambda: agent.app.writer.storage_error is None)
 
 
-def test_samples_held_by_a_failing_store_do_not_block_requests(start_agent, peer, broker, tiny_bundle, tmp_path):
+def test_samples_held_by_a_failing_store_do_not_block_requests(
+    start_agent, peer, broker, tiny_bundle, tmp_path
+):
     """Samples wait unacked while the store cannot commit and fill the broker's in-flight window to
     the box (here 10); requests and commands (QoS 0) still get through, a config once it can be
     recorded."""
-    config = write_agent_config(
-        tmp_path / "locked.toml",
-        broker,
-        tiny_bundle,
-        tmp_path / "data",
-        extra="[store]\nbusy_timeout_ms = 50\n",
-        broker_extra="receive_maximum = 10\n",
+    agent, db, blocker = agent_on_a_locked_store(
+        start_agent, broker, tiny_bundle, tmp_path, broker_extra="receive_maximum = 10\n"
     )
-    agent = start_agent(config)
-    db = db_path(config)
-    blocker = sqlite3.connect(db)
-    blocker.execute("BEGIN IMMEDIATE")
     try:
         for i in range(40):
             peer.publish("samples", {"id": f"H{i}", "text": f"held {i}", "label": "normal"})

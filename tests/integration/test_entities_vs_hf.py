@@ -51,17 +51,14 @@ def tiny_token_model(tags: tuple[str, ...], seed: int = 0, o_bias: float = 3.0):
     differ between tokens, and "O" biased up so that entities and gaps between them both occur.
     """
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+    from transformers import AutoTokenizer, BertForTokenClassification
+
+    from tests.tiny import tiny_bert_config
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
+    config = tiny_bert_config(
+        tokenizer.vocab_size,
         num_labels=len(tags),
         id2label=dict(enumerate(tags)),
         label2id={tag: i for i, tag in enumerate(tags)},
