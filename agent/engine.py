@@ -46,7 +46,9 @@ from tokenizers import Tokenizer
 
 from agent import providers as prov
 from agent.adapters import AdapterError, OrtAdapter, read_adapter, write_ort_adapter
-from agent.bundle import TOKENIZER_JSON, BundleError, BundleManifest, load_manifest
+from agent.bundle import TOKENIZER_JSON, BundleManifest, load_manifest
+from agent.entities import Span
+from agent.entity_serving import SpanExtractor
 from agent.linear import LinearModel, combine_log_probs
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,8 @@ class EngineConfig:
     # Intra-op threads while a learner round runs beside the engine (set_background_load);
     # default: one fewer than intra_op_threads, at least one.
     background_threads: int | None = None
+    # Token-classification bundles: how word pieces merge into entities (agent.entities.STRATEGIES).
+    entity_aggregation: str = "first"
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +157,9 @@ class _Cancelled(Exception):
 
 _STOP = object()
 
+# (adapter version, text) -> the answer: a Prediction, or the spans of a token-classification bundle.
+_Cache = OrderedDict[tuple[str | None, str], Any]
+
 
 class InferenceEngine:
     def __init__(
@@ -186,7 +193,7 @@ class InferenceEngine:
         self._active = _Active(None, list(manifest.labels), ort.RunOptions(), session, "base", 0)
         self._swap_lock = threading.Lock()
         self._adapter_seq = itertools.count()
-        self._cache: OrderedDict[tuple[str | None, str], Prediction] = OrderedDict()
+        self._cache: _Cache = OrderedDict()
         self._queue: queue.Queue = queue.Queue()
         self._latencies: deque[float] = deque(maxlen=4096)
         self._done_times: deque[float] = deque(maxlen=4096)
@@ -202,8 +209,15 @@ class InferenceEngine:
             "padded_tokens": 0,
             "errors": 0,
         }
-        # Merged sessions are built for CPU (fp32 or INT8); a GPU box serves the LoRA path.
-        self._can_merge = plan.device == "cpu"
+        # Token-classification bundles answer spans (agent.entity_serving) instead of labels.
+        self._extractor = (
+            SpanExtractor(bundle_dir, manifest, config.entity_aggregation)
+            if manifest.task == "token-classification"
+            else None
+        )
+        # Merged sessions are built for CPU (fp32 or INT8); a GPU box serves the LoRA path. Their
+        # check compares one label per text, so a token-classification bundle serves the LoRA path.
+        self._can_merge = plan.device == "cpu" and self._extractor is None
         for stale in itertools.chain(work_dir.glob("merged-*.onnx"), work_dir.glob(".merged-*.tmp")):
             stale.unlink(missing_ok=True)  # left by a process that did not close
         self._stage_s = dict.fromkeys(STAGES, 0.0)
@@ -242,11 +256,6 @@ class InferenceEngine:
         config = config or EngineConfig()
         bundle_dir = Path(bundle_dir)
         manifest = load_manifest(bundle_dir)
-        if manifest.task != "sequence-classification":
-            # Spans out of a token head (agent.entities) are not wired into serving yet.
-            raise BundleError(
-                f"{bundle_dir}: a {manifest.task} bundle; the engine serves sequence-classification bundles"
-            )
         owns = work_dir is None
         work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="edge-agent-adapters-"))
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -524,7 +533,7 @@ class InferenceEngine:
         except Exception as e:  # noqa: BLE001 - ORT raises several unrelated exception types
             path.unlink(missing_ok=True)
             raise AdapterError(f"adapter {adapter.version} rejected by the runtime: {e}") from e
-        if logits.shape[1] != len(labels) or not np.isfinite(logits).all():
+        if logits.shape[-1] != len(labels) or not np.isfinite(logits).all():
             path.unlink(missing_ok=True)
             raise AdapterError(f"adapter {adapter.version}: probe output {logits.shape} is not usable")
         if adapter.linear is not None and adapter.linear.labels != labels:
@@ -1039,7 +1048,9 @@ class InferenceEngine:
         unique = list(dict.fromkeys(texts))
         self._counters["duplicates_in_batch"] += len(texts) - len(unique)
         try:
-            results = self._classify(unique, active)
+            results = (
+                self._classify(unique, active) if self._extractor is None else self._extract(unique, active)
+            )
         except Exception as e:  # noqa: BLE001 - a failed batch must fail its futures, not the worker
             log.exception("inference batch failed")
             self._counters["errors"] += 1
@@ -1055,13 +1066,14 @@ class InferenceEngine:
         self._counters["batches"] += 1
         self._stage_s["reply"] += time.perf_counter() - t1
 
-    def _classify(self, texts: list[str], active: _Active) -> dict[str, Prediction]:
-        cfg = self._config
+    def _lookup(
+        self, texts: list[str], version: str | None
+    ) -> tuple[dict[str, Any], list[str], _Cache | None]:
+        """Cached answers for this adapter version, the texts to run, and the cache (None: off)."""
         t_lookup = time.perf_counter()
-        out: dict[str, Prediction] = {}
+        out: dict[str, Any] = {}
         misses = []
-        version = active.version
-        cache = self._cache if cfg.cache_size else None
+        cache = self._cache if self._config.cache_size else None
         if cache is not None:
             for t in texts:
                 hit = cache.get((version, t))
@@ -1075,9 +1087,56 @@ class InferenceEngine:
         self._counters["texts"] += len(texts)
         self._counters["cache_hits"] += len(texts) - len(misses)
         self._counters["cache_misses"] += len(misses)
+        self._stage_s["lookup"] += time.perf_counter() - t_lookup
+        return out, misses, cache
+
+    def _extract(self, texts: list[str], active: _Active) -> dict[str, tuple[Span, ...]]:
+        """Entity spans per text (token-classification bundles), batched like ``_classify``."""
+        extractor = self._extractor
+        assert extractor is not None
+        cfg, stage, version = self._config, self._stage_s, active.version
+        out, misses, cache = self._lookup(texts, version)
+        if not misses:
+            return out
+        t0 = time.perf_counter()
+        encodings = extractor.encode(misses)
+        # Every window of every text is one row; rows are length-bucketed like classification's.
+        rows = [(i, w) for i, wins in enumerate(encodings) for w in range(len(wins))]
+        lengths = [len(encodings[i][w].ids) for i, w in rows]
+        t1 = time.perf_counter()
+        stage["tokenize"] += t1 - t0
+        logits: list[list[np.ndarray | None]] = [[None] * len(wins) for wins in encodings]
+        order = sorted(range(len(rows)), key=lengths.__getitem__)
+        runner = active.runner
+        for chunk in _chunks(order, [lengths[k] for k in order], cfg.max_batch, cfg.max_batch_tokens):
+            ta = time.perf_counter()
+            batch_ids, mask = self._pad([encodings[rows[k][0]][rows[k][1]].ids for k in chunk])
+            tb = time.perf_counter()
+            result = runner.run(
+                ["logits"], {"input_ids": batch_ids, "attention_mask": mask}, active.run_options
+            )[0]
+            tc = time.perf_counter()
+            for row, k in enumerate(chunk):
+                i, w = rows[k]
+                logits[i][w] = result[row, : lengths[k]]
+            stage["pad"] += tb - ta
+            stage["run"] += tc - tb
+            self._counters["runs"] += 1
+            self._counters["padded_tokens"] += batch_ids.size
+        td = time.perf_counter()
+        for i, text in enumerate(misses):
+            out[text] = extractor.decode(text, encodings[i], logits[i])  # type: ignore[arg-type]
+        stage["post"] += time.perf_counter() - td
+        self._counters["real_tokens"] += sum(lengths)
+        self._cache_misses(cache, misses, version, out)
+        return out
+
+    def _classify(self, texts: list[str], active: _Active) -> dict[str, Prediction]:
+        cfg = self._config
+        version = active.version
+        out, misses, cache = self._lookup(texts, version)
         stage = self._stage_s
         t0 = time.perf_counter()
-        stage["lookup"] += t0 - t_lookup
         if not misses:
             return out
         model, linear = active.model, active.linear
@@ -1127,11 +1186,7 @@ class InferenceEngine:
         return out
 
     def _cache_misses(
-        self,
-        cache: OrderedDict[tuple[str | None, str], Prediction] | None,
-        misses: list[str],
-        version: str | None,
-        out: dict[str, Prediction],
+        self, cache: _Cache | None, misses: list[str], version: str | None, out: dict[str, Any]
     ) -> None:
         if cache is None:
             return
@@ -1239,6 +1294,25 @@ def _create_session(
     return ort.InferenceSession(str(path), so, providers=[prov.CPU]), plan
 
 
+def _sequence_agreement(
+    runs: list[list[np.ndarray]], trained_head: bool, reference: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
+    """Agreement of one precision's (logits, pooled) runs with the first precision's (the reference)."""
+    logits = np.concatenate([r[0] for r in runs])
+    pooled = np.concatenate([r[1] for r in runs])
+    if reference is None:
+        reference = (logits, pooled)
+    # With a trained head, agreement is top-1 agreement; the untrained base head has margins
+    # too small to mean anything, so without an adapter the mean cosine of the pooled
+    # embedding (what any head will read) stands in for it.
+    if trained_head:
+        return float((logits.argmax(1) == reference[0].argmax(1)).mean()), reference
+    cos = (pooled * reference[1]).sum(1) / (
+        np.linalg.norm(pooled, axis=1) * np.linalg.norm(reference[1], axis=1) + 1e-12
+    )
+    return float(cos.mean()), reference
+
+
 def _measure_cpu_precision(
     bundle_dir: Path,
     manifest: BundleManifest,
@@ -1269,31 +1343,31 @@ def _measure_cpu_precision(
     so = _session_options(config)
     trials: dict[str, prov.PrecisionTrial] = {}
     reference = None
+    per_token = manifest.task == "token-classification"
     for name in ("fp32", "int8"):
         sess = ort.InferenceSession(
             str(bundle_dir / manifest.precisions[name].file), so, providers=[prov.CPU]
         )
         runs = [sess.run(None, f, options) for f in agree_feeds]
-        logits = np.concatenate([r[0] for r in runs])
-        pooled = np.concatenate([r[1] for r in runs])
         times = []
         for _ in range(12):
             t = time.perf_counter()
             sess.run(["logits"], feeds_one, options)
             sess.run(["logits"], feeds_batch, options)
             times.append(time.perf_counter() - t)
-        if reference is None:
-            reference = (logits, pooled)
-        # With a trained head, agreement is top-1 agreement; the untrained base head has margins
-        # too small to mean anything, so without an adapter the mean cosine of the pooled
-        # embedding (what any head will read) stands in for it.
-        if adapter is not None:
-            agreement = float((logits.argmax(1) == reference[0].argmax(1)).mean())
-        else:
-            cos = (pooled * reference[1]).sum(1) / (
-                np.linalg.norm(pooled, axis=1) * np.linalg.norm(reference[1], axis=1) + 1e-12
+        if per_token:
+            # Tags per real token (chunks differ in length); no pooled vector to fall back on.
+            tags = np.concatenate(
+                [
+                    r[0].argmax(-1)[f["attention_mask"].astype(bool)]
+                    for r, f in zip(runs, agree_feeds, strict=True)
+                ]
             )
-            agreement = float(cos.mean())
+            if reference is None:
+                reference = (tags, tags)
+            agreement = float((tags == reference[0]).mean())
+        else:
+            agreement, reference = _sequence_agreement(runs, adapter is not None, reference)
         trials[name] = prov.PrecisionTrial(float(np.median(times)) * 1000.0, agreement)
         del sess
     if adapter_path is not None:

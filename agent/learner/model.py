@@ -9,17 +9,26 @@ from agent.adapters import AdapterMeta, peft_target_modules, write_meta
 from agent.bundle import BASE_WEIGHTS, BundleManifest, load_manifest
 from agent.durable import staged_dir
 
+# peft's task type for each bundle task (it puts the head in ``modules_to_save`` for both).
+PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "token-classification": "TOKEN_CLS"}
 
-def load_base_model(bundle_dir: Path):
-    """The bundle's base as a ``transformers`` model, weights from ``base.safetensors``."""
+
+def load_base_model(bundle_dir: Path, manifest: BundleManifest | None = None):
+    """The bundle's base as a ``transformers`` model of its task, weights from ``base.safetensors``."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     bundle_dir = Path(bundle_dir)
+    manifest = manifest or load_manifest(bundle_dir)
     config = AutoConfig.from_pretrained(bundle_dir / "hf")
+    auto = (
+        AutoModelForTokenClassification
+        if manifest.task == "token-classification"
+        else AutoModelForSequenceClassification
+    )
     with torch.device("cpu"):
-        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+        model = auto.from_config(config, attn_implementation="eager")
     state = load_file(str(bundle_dir / BASE_WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied or buffer-only keys (e.g. position_ids) may differ between versions; weights may not.
@@ -38,7 +47,7 @@ def new_peft_model(
     from peft import LoraConfig, PeftModel, get_peft_model
 
     manifest = manifest or load_manifest(bundle_dir)
-    base = load_base_model(bundle_dir)
+    base = load_base_model(bundle_dir, manifest)
     if init_adapter is not None:
         return PeftModel.from_pretrained(base, str(init_adapter), is_trainable=True)
     spec = manifest.lora
@@ -47,7 +56,7 @@ def new_peft_model(
         lora_alpha=spec.alpha,
         target_modules=peft_target_modules(spec.targets),
         lora_dropout=0.0,
-        task_type="SEQ_CLS",
+        task_type=PEFT_TASK_TYPES[manifest.task],
         bias="none",
     )
     return get_peft_model(base, config)

@@ -32,6 +32,7 @@ def token_bundle(tmp_path_factory):
         model_path=make_tiny_bert(root / "hf-model"),
         labels=ENTITY_LABELS,
         precisions=("fp32", "int8"),
+        max_length=48,  # short windows: the long texts below need several
         task="token-classification",
         tag_scheme="BILOU",
     )
@@ -97,9 +98,70 @@ def test_per_token_logits_and_spans_match_torch(token_bundle, precision):
         assert spans_found > len(TEXTS)  # not trivially empty
 
 
-def test_the_classification_engine_refuses_a_token_bundle_with_a_sentence(token_bundle):
-    from agent.bundle import BundleError
+@pytest.fixture(scope="module")
+def token_adapter(token_bundle, tmp_path_factory):
+    from tests.tiny import make_random_adapter
+
+    return make_random_adapter(
+        token_bundle, tmp_path_factory.mktemp("ner-adapter") / "a1", 5, "ner-1", head_std=2.0
+    )
+
+
+def peft_window_logits(bundle, adapter, encodings) -> list[np.ndarray]:
+    """torch + peft logits of each window on its own (no padding, no batching)."""
+    import torch
+    from peft import PeftModel
+
+    from agent.learner.model import load_base_model
+
+    model = PeftModel.from_pretrained(load_base_model(bundle), str(adapter)).eval()
+    out = []
+    with torch.no_grad():
+        for enc in encodings:
+            ids = torch.tensor([enc.ids])
+            out.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy())
+    return out
+
+
+def test_engine_spans_equal_torch_peft_spans_with_an_adapter(token_bundle, token_adapter):
+    """Through the engine's batching (length-sorted, padded runs), LoRA path, long texts in
+    windows with stride: the same spans as torch + peft on each window, merged the same way."""
+    from agent.engine import EngineConfig, InferenceEngine
+    from agent.entity_serving import SpanExtractor
+
+    m = load_manifest(token_bundle)
+    long_texts = [" ; ".join(TEXTS[i : i + 6]) for i in range(0, 24, 6)]  # several windows each
+    texts = TEXTS + long_texts
+    extractor = SpanExtractor(token_bundle, m)
+    assert all(len(extractor.encode([t])[0]) >= 2 for t in long_texts)
+    config = EngineConfig(precision="fp32", provider="cpu", cache_size=0)
+    with InferenceEngine.open(token_bundle, config, adapter_dir=token_adapter) as engine:
+        assert engine.serving_path == "lora" and engine.adapter_version == "ner-1"
+        served = engine.predict(texts)
+        engine.deactivate_adapter()
+        base_engine_spans = engine.predict(texts)
+    found = 0
+    for text, spans in zip(texts, served, strict=True):
+        encodings = extractor.encode([text])[0]
+        expected = extractor.decode(
+            text, encodings, peft_window_logits(token_bundle, token_adapter, encodings)
+        )
+        assert [(s.label, s.start, s.end, s.text) for s in spans] == [
+            (s.label, s.start, s.end, s.text) for s in expected
+        ], text
+        for got, want in zip(spans, expected, strict=True):
+            assert got.score == pytest.approx(want.score, abs=1e-4)
+            assert text[got.start : got.end] == got.text
+        found += len(spans)
+    assert found > len(texts)
+    # The adapter changes the answers (its head is perturbed): the swap is seen in the spans.
+    assert base_engine_spans != served
+
+
+def test_engine_precision_trial_on_a_token_bundle_picks_a_precision(token_bundle):
     from agent.engine import EngineConfig, InferenceEngine
 
-    with pytest.raises(BundleError, match="token-classification bundle"):
-        InferenceEngine.open(token_bundle, EngineConfig(precision="fp32", provider="cpu"))
+    with InferenceEngine.open(token_bundle, EngineConfig(precision="auto", provider="cpu")) as engine:
+        assert engine.precision in ("fp32", "int8")
+        (spans,) = engine.predict([TEXTS[0]])
+        assert isinstance(spans, tuple)

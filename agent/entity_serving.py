@@ -1,0 +1,51 @@
+"""Serving a token-classification bundle: texts in, entity spans out. No torch here.
+
+The engine batches requests, caches answers and swaps adapters the same way for both task kinds;
+what differs is here: a text longer than the model's window becomes several windows (the
+tokenizer's own overflow with stride), every window of every text in a batch is sorted by length
+and run in the engine's token-budget chunks, and each text's windows are merged token by token and
+decoded into spans with character offsets into the original text (``agent.entities``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from agent.bundle import TOKENIZER_JSON, BundleManifest
+from agent.entities import STRATEGIES, Span, Strategy, TagScheme, merge_windows, windows
+
+# Tokens shared by neighbouring windows of a long text: each token is then decoded from a window
+# where it has at least this much context on its nearer side.
+DEFAULT_STRIDE_FRACTION = 0.25
+
+
+class SpanExtractor:
+    """Texts -> windows -> (the engine runs them) -> spans, for one token-classification bundle."""
+
+    def __init__(self, bundle_dir: Path, manifest: BundleManifest, strategy: str = "first"):
+        if manifest.entities is None:
+            raise ValueError(f"{bundle_dir}: a token-classification manifest without entities")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"aggregation {strategy!r} is not one of {list(STRATEGIES)}")
+        self.scheme = TagScheme(manifest.entities.labels, manifest.entities.scheme)
+        self.strategy = cast(Strategy, strategy)
+        tok = Tokenizer.from_file(str(Path(bundle_dir) / TOKENIZER_JSON))
+        tok.enable_truncation(
+            manifest.max_length, stride=max(1, int(manifest.max_length * DEFAULT_STRIDE_FRACTION))
+        )
+        tok.no_padding()
+        self._tokenizer = tok
+
+    def encode(self, texts: list[str]) -> list[list[Encoding]]:
+        """Each text's windows (one for a text that fits)."""
+        return [windows(self._tokenizer, t) for t in texts]
+
+    def decode(self, text: str, encodings: list[Encoding], logits: list[np.ndarray]) -> tuple[Span, ...]:
+        """One text's spans from its windows' logits ([window tokens, tags] each)."""
+        return tuple(
+            merge_windows(text, list(zip(encodings, logits, strict=True)), self.scheme, self.strategy)
+        )
