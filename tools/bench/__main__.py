@@ -12,6 +12,7 @@ BENCHMARKS = {
     "learning": "on-box LoRA training rounds",
     "fleet": "federated LoRA over non-IID sites vs local-only and centralized",
     "bundle": "request latency and failures across a base-model (bundle) switch",
+    "ner": "entity extraction: the engine vs the HF token-classification pipeline, span agreement",
 }
 
 
