@@ -300,12 +300,8 @@ def decode(
     return _decode_tokens(text, _content(encoding, logits, scheme), scheme, strategy)
 
 
-def windows(tokenizer: Tokenizer, text: str) -> list[Encoding]:
-    """The windows that cover ``text``, as the tokenizer's truncation (max_length, stride) cuts them.
-
-    Configure the tokenizer with ``enable_truncation(max_length, stride=stride)``; without
-    truncation the whole text is one window.
-    """
+def check_window_stride(tokenizer: Tokenizer) -> None:
+    """Refuse a truncation stride that leaves no new tokens per window (once, at configuration)."""
     truncation = tokenizer.truncation
     if truncation is not None:
         room = truncation["max_length"] - tokenizer.num_special_tokens_to_add(False)
@@ -315,6 +311,15 @@ def windows(tokenizer: Tokenizer, text: str) -> list[Encoding]:
                 f"stride {truncation['stride']} must be less than the {room} text tokens of a "
                 f"{truncation['max_length']}-token window"
             )
+
+
+def windows(tokenizer: Tokenizer, text: str) -> list[Encoding]:
+    """The windows that cover ``text``, as the tokenizer's truncation (max_length, stride) cuts them.
+
+    Configure the tokenizer with ``enable_truncation(max_length, stride=stride)``; without
+    truncation the whole text is one window.
+    """
+    check_window_stride(tokenizer)
     first = tokenizer.encode(text)
     return [first, *first.overflowing]
 

@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from agent.bundle import TOKENIZER_JSON, BundleManifest
-from agent.entities import STRATEGIES, Span, Strategy, TagScheme, merge_windows, windows
+from agent.entities import STRATEGIES, Span, Strategy, TagScheme, check_window_stride, merge_windows
 
 # Tokens shared by neighbouring windows of a long text: each token is then decoded from a window
 # where it has at least this much context on its nearer side.
@@ -38,11 +38,12 @@ class SpanExtractor:
             manifest.max_length, stride=max(1, int(manifest.max_length * DEFAULT_STRIDE_FRACTION))
         )
         tok.no_padding()
+        check_window_stride(tok)
         self._tokenizer = tok
 
     def encode(self, texts: list[str]) -> list[list[Encoding]]:
-        """Each text's windows (one for a text that fits)."""
-        return [windows(self._tokenizer, t) for t in texts]
+        """Each text's windows (one for a text that fits): one batch call for the whole request batch."""
+        return [[e, *e.overflowing] for e in self._tokenizer.encode_batch(texts)]
 
     def decode(self, text: str, encodings: list[Encoding], logits: list[np.ndarray]) -> tuple[Span, ...]:
         """One text's spans from its windows' logits ([window tokens, tags] each)."""
