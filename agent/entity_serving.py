@@ -23,6 +23,18 @@ from agent.entities import STRATEGIES, Span, Strategy, TagScheme, check_window_s
 DEFAULT_STRIDE_FRACTION = 0.25
 
 
+def window_tokenizer(bundle_dir: Path, manifest: BundleManifest) -> Tokenizer:
+    """The bundle's tokenizer cutting texts into windows as serving does: ``max_length`` tokens, a
+    quarter-window stride, no padding. The learner trains on the same windows."""
+    tok = Tokenizer.from_file(str(Path(bundle_dir) / TOKENIZER_JSON))
+    tok.enable_truncation(
+        manifest.max_length, stride=max(1, int(manifest.max_length * DEFAULT_STRIDE_FRACTION))
+    )
+    tok.no_padding()
+    check_window_stride(tok)
+    return tok
+
+
 class SpanExtractor:
     """Texts -> windows -> (the engine runs them) -> spans, for one token-classification bundle."""
 
@@ -33,13 +45,7 @@ class SpanExtractor:
             raise ValueError(f"aggregation {strategy!r} is not one of {list(STRATEGIES)}")
         self.scheme = TagScheme(manifest.entities.labels, manifest.entities.scheme)
         self.strategy = cast(Strategy, strategy)
-        tok = Tokenizer.from_file(str(Path(bundle_dir) / TOKENIZER_JSON))
-        tok.enable_truncation(
-            manifest.max_length, stride=max(1, int(manifest.max_length * DEFAULT_STRIDE_FRACTION))
-        )
-        tok.no_padding()
-        check_window_stride(tok)
-        self._tokenizer = tok
+        self._tokenizer = window_tokenizer(bundle_dir, manifest)
 
     def encode(self, texts: list[str]) -> list[list[Encoding]]:
         """Each text's windows (one for a text that fits): one batch call for the whole request batch."""

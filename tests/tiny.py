@@ -96,3 +96,21 @@ def make_random_adapter(
                 p.add_(torch.randn(p.shape, generator=gen) * head_std)
     save_peft_adapter(model, out, manifest, version)
     return out
+
+
+def make_tiny_token_bert(out: Path, num_tags: int, seed: int = 0, hidden: int = 64) -> Path:
+    """A tiny random BERT with a per-token head that the learner can teach work-order entities:
+    64 wide and unscaled (at 32 wide, or with ``make_tiny_bert``'s widened weights, its random
+    features keep entity F1 of a LoRA round near 0.15, too little to tell learning from noise)."""
+    import torch
+    from transformers import AutoTokenizer, BertForTokenClassification
+
+    from agent.build import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(seed)
+    config = tiny_bert_config(tokenizer.vocab_size, num_labels=num_tags)
+    config.hidden_size, config.intermediate_size = hidden, 2 * hidden
+    BertForTokenClassification(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -831,6 +831,8 @@ class LearnerManager:
                 "reasons": decision.reasons,
                 "candidate_accuracy": candidate.get("all", policy.EvalReport(0, {}, 0)).accuracy,
                 "active_accuracy": active.get("all", policy.EvalReport(0, {}, 0)).accuracy,
+                # What the two figures are: "accuracy", or "entity_f1" for an entity model.
+                "metric": result.get("metric", "accuracy"),
                 "serving_model": serving["model"],
             },
         )

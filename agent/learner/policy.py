@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # ---- triggers -------------------------------------------------------------------------------
 
@@ -112,7 +113,9 @@ def resource_refusal(r: Resources, lim: ResourceLimits) -> str | None:
 
 @dataclass(frozen=True)
 class EvalReport:
-    """Accuracy of one adapter on one holdout slice."""
+    """One adapter's score on one holdout slice: accuracy, per true class beside it; for entities
+    (``evaluate_spans``) entity-level micro F1, per entity label, with ``count`` the texts and
+    ``per_class_count`` each label's gold spans. The gate reads both the same way."""
 
     accuracy: float
     per_class: dict[str, float]
@@ -239,6 +242,21 @@ def evaluate(predicted: Sequence[str], truth: Sequence[str]) -> EvalReport:
         per_class={k: per_ok[k] / v for k, v in per_total.items()},
         count=n,
         per_class_count=dict(per_total),
+    )
+
+
+def evaluate_spans(predicted: Sequence[Sequence[Any]], truth: Sequence[Sequence[Any]]) -> EvalReport:
+    """Entity-level micro F1 over texts (exact span and label, seqeval's convention), per label
+    with its support: the gate's figure for a token-classification adapter."""
+    from agent.entities import span_f1
+
+    scores = span_f1(truth, predicted)
+    per_label = scores["per_label"]
+    return EvalReport(
+        accuracy=scores["f1"],
+        per_class={label: s["f1"] for label, s in per_label.items() if s["support"]},
+        count=len(truth),
+        per_class_count={label: s["support"] for label, s in per_label.items() if s["support"]},
     )
 
 

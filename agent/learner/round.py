@@ -24,13 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.learner.policy import EvalReport, evaluate
+from agent.bundle import load_manifest
+from agent.entities import SpanTuple
+from agent.learner.policy import EvalReport, evaluate, evaluate_spans
 from agent.ops.cgroup import prefer_oom_kill
 
 if TYPE_CHECKING:
     from agent.linear import LinearModel
 
 log = logging.getLogger(__name__)
+
+TOKEN_TASK = "token-classification"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,9 @@ class RoundResult:
     # without a linear model. ``candidate`` holds the transformer's until the gate chooses.
     candidate_models: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     linear: dict[str, Any] = field(default_factory=dict)  # fit time, samples, weight
+    # What the reports' ``accuracy`` holds: "accuracy", or "entity_f1" for a token-classification
+    # bundle (``agent.learner.policy.evaluate_spans``).
+    metric: str = "accuracy"
 
 
 def read_training_set(
@@ -134,14 +141,65 @@ def read_training_set(
     return texts, labs, len(new), len(replay), int(max_id)
 
 
+def read_span_training_set(
+    db_path: str, since_id: int, max_samples: int, replay_fraction: float, seed: int
+) -> tuple[list[str], list[list[SpanTuple]], int, int, int]:
+    """``read_training_set`` for span samples (token classification): the new train-split span
+    samples plus a uniform replay of older ones (a work order holds several entity labels, so
+    there is no class to balance by). Returns texts, span lists, number new, number replayed, the
+    largest sample id seen."""
+    rng = np.random.default_rng(seed)
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        new = con.execute(
+            "SELECT id, text, entities FROM samples WHERE split='train' AND entities IS NOT NULL AND id > ? "
+            "ORDER BY id DESC LIMIT ?",
+            (since_id, max_samples),
+        ).fetchall()
+        max_id = con.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()[0]
+        n_replay = (
+            int(len(new) * replay_fraction / max(1e-9, 1 - replay_fraction)) if replay_fraction < 1 else 0
+        )
+        replay = (
+            con.execute(
+                "SELECT id, text, entities FROM samples WHERE split='train' AND entities IS NOT NULL "
+                "AND id <= ? ORDER BY RANDOM() LIMIT ?",
+                (since_id, n_replay),
+            ).fetchall()
+            if n_replay and since_id > 0
+            else []
+        )
+    finally:
+        con.close()
+    rows = new + replay
+    order = rng.permutation(len(rows))
+    return (
+        [rows[i][1] for i in order],
+        [_spans(rows[i][2]) for i in order],
+        len(new),
+        len(replay),
+        int(max_id),
+    )
+
+
+def _spans(stored: str) -> list[SpanTuple]:
+    """A sample's ``entities`` column (JSON ``[[start, end, label], ...]``) as span tuples."""
+    return [(int(s), int(e), str(lab)) for s, e, lab in json.loads(stored)]
+
+
 def read_holdout(
-    db_path: str, labels: list[str], since_id: int, limit: int = 4000
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    db_path: str, labels: list[str], since_id: int, limit: int = 4000, task: str = "sequence-classification"
+) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
     """Holdout rows as (older, recent): recent = arrived after the active adapter's data
     (``id > since_id``), i.e. what the candidate is meant to fix; older = what it must not forget.
-    Without a split point (first round) the newest quarter stands in for recent."""
-    known = set(labels)
-    rows = [r for r in _newest_samples(db_path, "holdout", limit) if r[2] in known]
+    Without a split point (first round) the newest quarter stands in for recent. A row is (text,
+    label), or (text, its spans) for a token-classification bundle's span samples."""
+    rows: list[tuple[int, str, Any]]
+    if task == TOKEN_TASK:
+        rows = [(i, t, _spans(e)) for i, t, e in _newest_samples(db_path, "holdout", limit, "entities")]
+    else:
+        known = set(labels)
+        rows = [r for r in _newest_samples(db_path, "holdout", limit) if r[2] in known]
     older = [(t, lab) for i, t, lab in rows if i <= since_id]
     recent = [(t, lab) for i, t, lab in rows if i > since_id]
     if not older or not recent:
@@ -150,12 +208,18 @@ def read_holdout(
     return older, recent
 
 
-def _newest_samples(db_path: str, split: str, limit: int) -> list[tuple[int, str, str]]:
-    """The newest ``limit`` (id, text, label) rows of ``split``, oldest first (read-only)."""
+def _newest_samples(
+    db_path: str, split: str, limit: int, target: str = "label"
+) -> list[tuple[int, str, str]]:
+    """The newest ``limit`` (id, text, label) rows of ``split``, oldest first (read-only); with
+    ``target="entities"`` the span samples' (id, text, entities JSON)."""
+    column = {"label": "label", "entities": "entities"}[target]
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
     try:
         rows = con.execute(
-            "SELECT id, text, label FROM samples WHERE split = ? ORDER BY id DESC LIMIT ?", (split, limit)
+            f"SELECT id, text, {column} FROM samples WHERE split = ? AND {column} IS NOT NULL "
+            "ORDER BY id DESC LIMIT ?",
+            (split, limit),
         ).fetchall()
     finally:
         con.close()
@@ -302,9 +366,11 @@ def _slice_reports(preds: list[str], truth: list[str], n_older: int) -> dict[str
 
 
 def evaluate_adapter(
-    bundle_dir: str, adapter_dir: str | None, precision: str, slices: dict[str, list[tuple[str, str]]]
+    bundle_dir: str, adapter_dir: str | None, precision: str, slices: dict[str, list[tuple[str, Any]]]
 ) -> dict[str, EvalReport]:
-    """Accuracy per slice with the serving runtime (ONNX Runtime), as the box would answer."""
+    """The task's score per slice with the serving runtime (ONNX Runtime), as the box would answer:
+    accuracy of labels, or entity-level micro F1 of spans (exact span and label, per label beside
+    it) for a token-classification bundle."""
     from agent.engine import InferenceEngine
 
     # Each distinct text once: the holdout's "all" slice repeats older + recent, and plant text repeats.
@@ -313,7 +379,17 @@ def evaluate_adapter(
         return {}
     adapter = Path(adapter_dir) if adapter_dir else None
     with InferenceEngine.open(Path(bundle_dir), _eval_config(precision), adapter_dir=adapter) as engine:
-        label_of = {t: p.label for t, p in zip(texts, engine.predict(texts, timeout=600), strict=True)}
+        answers: list[Any] = engine.predict(texts, timeout=600)  # spans per text for entities
+        if engine.manifest.task == TOKEN_TASK:
+            spans_of = {
+                t: [(s.start, s.end, s.label) for s in a] for t, a in zip(texts, answers, strict=True)
+            }
+            return {
+                name: evaluate_spans([spans_of[t] for t, _ in rows], [gold for _, gold in rows])
+                for name, rows in slices.items()
+                if rows
+            }
+        label_of = {t: p.label for t, p in zip(texts, answers, strict=True)}
     return {
         name: evaluate([label_of[t] for t, _ in rows], [lab for _, lab in rows])
         for name, rows in slices.items()
@@ -322,9 +398,19 @@ def evaluate_adapter(
 
 
 def run_round(spec: RoundSpec) -> RoundResult:
-    from agent.bundle import load_manifest
+    manifest = load_manifest(Path(spec.bundle_dir))
+    metric = "entity_f1" if manifest.task == TOKEN_TASK else "accuracy"
+    if manifest.task == TOKEN_TASK:
+        # The fast learner classifies whole texts: a token-classification bundle has none.
+        if spec.linear_refresh:
+            return RoundResult("no_data", spec.version, message="an entity model has no fast learner")
+        spec = replace(spec, linear=False)
+    result = _run_round(spec, manifest.labels, manifest.task)
+    result.metric = metric
+    return result
 
-    labels = load_manifest(Path(spec.bundle_dir)).labels
+
+def _run_round(spec: RoundSpec, labels: list[str], task: str) -> RoundResult:
     if spec.linear_refresh:  # no torch: the refresh's child is ONNX Runtime and scikit-learn only
         return run_linear_refresh(spec, labels)
     from agent.learner.train import TrainConfig, TrainingCancelled, train_adapter
@@ -340,9 +426,21 @@ def run_round(spec: RoundSpec) -> RoundResult:
             )
         _evaluate(spec, labels, result, linear)
         return result
-    texts, labs, n_new, n_replay, max_id = read_training_set(
-        spec.db_path, labels, spec.since_sample_id, spec.max_train_samples, spec.replay_fraction, spec.seed
-    )
+    texts: list[str]
+    labs: list[Any]
+    if task == TOKEN_TASK:
+        texts, labs, n_new, n_replay, max_id = read_span_training_set(  # type: ignore[assignment]
+            spec.db_path, spec.since_sample_id, spec.max_train_samples, spec.replay_fraction, spec.seed
+        )
+    else:
+        texts, labs, n_new, n_replay, max_id = read_training_set(  # type: ignore[assignment]
+            spec.db_path,
+            labels,
+            spec.since_sample_id,
+            spec.max_train_samples,
+            spec.replay_fraction,
+            spec.seed,
+        )
     result = RoundResult("no_data", spec.version, n_new=n_new, n_replay=n_replay, max_sample_id=max_id)
     if n_new == 0:
         result.message = "no new labeled samples"
@@ -482,7 +580,8 @@ def _evaluate(
 ) -> None:
     """Candidate (in ``out_dir``) and active adapter on the holdout slices the gate compares.
     With a linear model: the candidate's three models, and the linear model saved beside it."""
-    older, recent = read_holdout(spec.db_path, labels, spec.since_sample_id)
+    task = load_manifest(Path(spec.bundle_dir)).task
+    older, recent = read_holdout(spec.db_path, labels, spec.since_sample_id, task=task)
     slices = {"older": older, "recent": recent, "all": older + recent}
     if linear is not None:
         models, weight = evaluate_models(spec.bundle_dir, spec.out_dir, spec.precision, slices, linear)

@@ -1,5 +1,11 @@
 """One training round: LoRA + head on labeled texts, on the bundle's fp32 base (torch + peft).
 
+The bundle's task decides what a target is: a label per text (sequence classification), or the
+text's entity spans (token classification), which become one tag per token of each serving window
+(``agent.entities.token_labels``: the first piece of a word carries the tag, every other token
+-100). Everything below the examples (loss, replay, the lambda pull, distillation, early stopping)
+is the same for both.
+
 Against forgetting: the caller mixes a class-balanced replay of older samples into ``texts``,
 and the loss adds ``anchor_lambda * ||theta - theta*||^2`` where theta* are the trainable tensors of
 an anchor adapter (the fleet's global adapter, else the active one). Optionally the loss also
@@ -12,16 +18,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from agent.bundle import load_manifest
+from agent.bundle import BundleManifest, load_manifest
+from agent.entities import IGNORE, SpanTuple
 from agent.learner.model import new_peft_model, save_peft_adapter
 
 log = logging.getLogger(__name__)
+
+
+# What a text is trained toward: its label, or its entity spans (token classification).
+Target = str | Sequence[SpanTuple]
 
 
 class TrainingCancelled(Exception):
@@ -61,19 +72,22 @@ class TrainResult:
 def train_adapter(
     bundle_dir: Path,
     texts: list[str],
-    labels: list[str],
+    labels: Sequence[Target],
     out_dir: Path,
     version: str,
     config: TrainConfig | None = None,
     init_adapter: Path | None = None,
     parent: str | None = None,
     anchor_adapter: Path | None = None,
-    val: tuple[list[str], list[str]] | None = None,
+    val: tuple[list[str], Sequence[Target]] | None = None,
     should_stop: Callable[[], bool] | None = None,
     wait_if_paused: Callable[[], None] | None = None,
     frozen_a_seed: int | None = None,
 ) -> TrainResult:
     """Train LoRA + head on (texts, labels) and write a PEFT adapter directory with our manifest.
+
+    ``labels``: one label per text, or for a token-classification bundle one list of
+    ``(start, end, label)`` character spans per text (``agent.entities.validate_spans`` order).
 
     With ``frozen_a_seed`` (a fleet aggregating with FFA-LoRA) every ``lora_A`` is the fleet's
     frozen matrix for that seed and is not trained: only B and the head learn, so the fleet's
@@ -81,20 +95,16 @@ def train_adapter(
     that A (B·A would change meaning): training then starts LoRA afresh and keeps its head.
     """
     import torch
-    from transformers import AutoTokenizer
 
     config = config or TrainConfig()
     manifest = load_manifest(bundle_dir)
-    index = {lab: i for i, lab in enumerate(manifest.labels)}
-    unknown = sorted(set(labels) - set(index))
-    if unknown:
-        raise ValueError(f"labels not in the bundle's label set: {unknown}")
     if not texts:
         raise ValueError("no training texts")
+    examples = _examples(bundle_dir, manifest, texts, labels)
+    val_examples = _examples(bundle_dir, manifest, *val) if val is not None and val[0] else None
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(Path(bundle_dir) / "tokenizer")
     head_from = None
     if (
         frozen_a_seed is not None
@@ -119,27 +129,22 @@ def train_adapter(
     anchor = _anchor_tensors(anchor_model or model, trainable) if config.anchor_lambda > 0 else {}
     teacher = anchor_model if config.distill_weight > 0 else None
     opt = torch.optim.AdamW(list(trainable.values()), lr=config.lr)
-    y_all = np.array([index[lab] for lab in labels])
     rng = np.random.default_rng(config.seed)
 
-    def encode(batch_texts: list[str]):
-        # Pad to the batch, not to max_length: plant texts are short.
-        return tokenizer(
-            batch_texts, padding=True, truncation=True, max_length=manifest.max_length, return_tensors="pt"
-        )
-
     def val_accuracy() -> float:
-        assert val is not None
+        """Share of labeled targets predicted right: texts, or tagged word-first pieces."""
+        assert val_examples is not None
         model.eval()
-        ok = 0
+        ok = total = 0
         with torch.no_grad():
-            for b in range(0, len(val[0]), 64):
-                logits = model(**encode(val[0][b : b + 64])).logits
-                ok += int(
-                    (logits.argmax(-1).numpy() == np.array([index[x] for x in val[1][b : b + 64]])).sum()
-                )
+            for b in range(0, len(val_examples), 64):
+                batch, y = val_examples.batch(np.arange(b, min(b + 64, len(val_examples))))
+                pred = model(**batch).logits.argmax(-1)
+                counted = y != IGNORE
+                ok += int(((pred == y) & counted).sum())
+                total += int(counted.sum())
         model.train()
-        return ok / max(1, len(val[0]))
+        return ok / max(1, total)
 
     start = time.perf_counter()
     steps, loss_value, stopped = 0, float("nan"), "epochs"
@@ -149,7 +154,7 @@ def train_adapter(
     epoch = 0
     model.train()
     for epoch in range(1, config.epochs + 1):  # noqa: B007 - epoch is reported after the loop
-        order = rng.permutation(len(texts))
+        order = rng.permutation(len(examples))
         for b in range(0, len(order), config.batch_size):
             if config.max_steps is not None and steps >= config.max_steps:
                 stopped = "max_steps"
@@ -159,7 +164,7 @@ def train_adapter(
             if wait_if_paused is not None:
                 wait_if_paused()
             idx = order[b : b + config.batch_size]
-            batch, y = encode([texts[i] for i in idx]), torch.as_tensor(y_all[idx])
+            batch, y = examples.batch(idx)
             out = model(**batch, labels=y)
             loss = out.loss
             if teacher is not None:
@@ -181,7 +186,7 @@ def train_adapter(
             if config.max_steps is not None and steps >= config.max_steps:
                 stopped = "max_steps"
                 break
-        if val is not None and val[0]:
+        if val_examples is not None:
             # A tie goes to the later epoch: a round's validation split holds ~40 rows, so accuracy
             # often ties (1.0 after one epoch) and keeping the first tied epoch under-fit the new
             # data. Learning benchmark, stream seeds 0/1/2: prequential 0.895/0.899/0.912 with the
@@ -246,19 +251,104 @@ def _anchor_tensors(anchor_model, trainable: dict) -> dict:
 
 
 def _distill_loss(logits, teacher, batch, y, temperature: float):
-    """KL(teacher || student) at temperature T, on the rows the teacher classifies correctly."""
+    """KL(teacher || student) at temperature T, on the targets (texts, or tagged tokens) the
+    teacher predicts correctly."""
     import torch
     import torch.nn.functional as F
 
     with torch.no_grad():
         t_logits = teacher(**batch).logits
-    keep = t_logits.argmax(-1) == y
+    n = logits.shape[-1]
+    logits, t_logits, y = logits.reshape(-1, n), t_logits.reshape(-1, n), y.reshape(-1)
+    keep = (t_logits.argmax(-1) == y) & (y != IGNORE)
     if not bool(keep.any()):
         return logits.sum() * 0.0
     t = temperature
     return F.kl_div(
         F.log_softmax(logits[keep] / t, -1), F.softmax(t_logits[keep] / t, -1), reduction="batchmean"
     ) * (t * t)
+
+
+class _SequenceExamples:
+    """One label per text; batches padded to their longest text, not to max_length (plant texts
+    are short)."""
+
+    def __init__(
+        self, bundle_dir: Path, manifest: BundleManifest, texts: list[str], labels: Sequence[Target]
+    ):
+        from transformers import AutoTokenizer
+
+        index = {lab: i for i, lab in enumerate(manifest.labels)}
+        unknown = sorted({str(lab) for lab in labels} - set(index))
+        if unknown:
+            raise ValueError(f"labels not in the bundle's label set: {unknown}")
+        self.texts = texts
+        self.y = np.array([index[lab] for lab in labels])  # type: ignore[index]
+        self.max_length = manifest.max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(Path(bundle_dir) / "tokenizer")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def batch(self, idx: np.ndarray):
+        import torch
+
+        inputs = self.tokenizer(
+            [self.texts[i] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return dict(inputs), torch.as_tensor(self.y[idx])
+
+
+class _TokenExamples:
+    """Each text's serving windows (``agent.entity_serving.window_tokenizer``), one example per
+    window, with one tag id per token (-100 on specials, continuation pieces and padding)."""
+
+    def __init__(self, bundle_dir: Path, manifest: BundleManifest, texts: list[str], spans: Sequence[Target]):
+        from agent.entities import TagScheme, token_labels
+        from agent.entity_serving import window_tokenizer
+
+        if manifest.entities is None:
+            raise ValueError(f"{bundle_dir}: a token-classification manifest without entities")
+        if len(spans) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(spans)} span lists")
+        known = set(manifest.entities.labels)
+        unknown = sorted({s[2] for text_spans in spans for s in text_spans} - known)  # type: ignore[index,union-attr]
+        if unknown:
+            raise ValueError(f"entity labels not in the bundle's: {unknown}")
+        scheme = TagScheme(manifest.entities.labels, manifest.entities.scheme)
+        tokenizer = window_tokenizer(bundle_dir, manifest)
+        self.pad_id = tokenizer.token_to_id("[PAD]") or 0
+        self.rows: list[tuple[list[int], list[int]]] = []
+        for encoding, text_spans in zip(tokenizer.encode_batch(texts), spans, strict=True):
+            for window in (encoding, *encoding.overflowing):
+                self.rows.append((window.ids, token_labels(window, list(text_spans), scheme)))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, idx: np.ndarray):
+        import torch
+
+        rows = [self.rows[i] for i in idx]
+        width = max(len(ids) for ids, _ in rows)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        y = np.full((len(rows), width), IGNORE, dtype=np.int64)
+        for r, (row_ids, row_labels) in enumerate(rows):
+            ids[r, : len(row_ids)], mask[r, : len(row_ids)], y[r, : len(row_ids)] = row_ids, 1, row_labels
+        inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        return inputs, torch.from_numpy(y)
+
+
+def _examples(bundle_dir: Path, manifest: BundleManifest, texts: list[str], labels: Sequence[Target]):
+    """The training (or validation) examples of the bundle's task."""
+    if manifest.task == "token-classification":
+        return _TokenExamples(bundle_dir, manifest, texts, labels)
+    return _SequenceExamples(bundle_dir, manifest, texts, labels)
 
 
 def _file_key(param_name: str) -> str:
