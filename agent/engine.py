@@ -216,8 +216,9 @@ class InferenceEngine:
             else None
         )
         # Merged sessions are built for CPU (fp32 or INT8); a GPU box serves the LoRA path. Their
-        # check compares one label per text, so a token-classification bundle serves the LoRA path.
-        self._can_merge = plan.device == "cpu" and self._extractor is None
+        # checks compare the top tag of every real token of a token-classification bundle, as they
+        # compare the label of every text of a classifier (``_real_rows``).
+        self._can_merge = plan.device == "cpu"
         for stale in itertools.chain(work_dir.glob("merged-*.onnx"), work_dir.glob(".merged-*.tmp")):
             stale.unlink(missing_ok=True)  # left by a process that did not close
         self._stage_s = dict.fromkeys(STAGES, 0.0)
@@ -851,7 +852,7 @@ class InferenceEngine:
         for ids, mask in feeds:
             check()
             outs = calib.run(["logits", *names], {"input_ids": ids, "attention_mask": mask})
-            refs.append(outs[0])
+            refs.append(_real_rows(outs[0], mask))
             for name, value in zip(names, outs[1:], strict=True):
                 am = merge.channel_absmax(value, mask)
                 absmax[name] = np.maximum(absmax[name], am) if name in absmax else am
@@ -894,7 +895,10 @@ class InferenceEngine:
             try:
                 sess = self._new_session(str(path), self._threads, gen)
                 logits = np.concatenate(
-                    [sess.run(["logits"], {"input_ids": i, "attention_mask": m})[0] for i, m in feeds]
+                    [
+                        _real_rows(sess.run(["logits"], {"input_ids": i, "attention_mask": m})[0], m)
+                        for i, m in feeds
+                    ]
                 )
             except BaseException:
                 path.unlink(missing_ok=True)
@@ -961,14 +965,14 @@ class InferenceEngine:
         merged, serving = [], []
         for ids, mask in feeds:
             feed = {"input_ids": ids, "attention_mask": mask}
-            merged.append(sess.run(["logits"], feed)[0])
-            serving.append(active.session.run(["logits"], feed, active.run_options)[0])
+            merged.append(_real_rows(sess.run(["logits"], feed)[0], mask))
+            serving.append(_real_rows(active.session.run(["logits"], feed, active.run_options)[0], mask))
         m, s = np.concatenate(merged), np.concatenate(serving)
         if not np.isfinite(m).all():
-            return {"ok": False, "reason": "merged logits are not finite", "texts": len(m)}
+            return {"ok": False, "reason": "merged logits are not finite", "rows": len(m)}
         vs_serving = float((m.argmax(1) == s.argmax(1)).mean())
         out: dict[str, Any] = {
-            "texts": len(m),
+            "rows": len(m),  # texts, or the real tokens of a token-classification bundle's texts
             "agreement_vs_lora_path": round(vs_serving, 4),
             "max_abs_logit_diff_vs_lora_path": float(np.abs(m - s).max()),
         }
@@ -1199,6 +1203,13 @@ class InferenceEngine:
 
     def _pad(self, id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         return pad_ids(id_lists, self._pad_id)
+
+
+def _real_rows(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """One row of logits per prediction: per text ([texts, labels] as it is), or per real token of
+    a per-token head ([texts, tokens, tags] without the padding), so that the merge's checks
+    compare top-1 of rows for both task kinds."""
+    return logits if logits.ndim == 2 else logits[mask.astype(bool)]
 
 
 def pad_ids(id_lists: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
