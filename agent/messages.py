@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -20,8 +21,11 @@ from pydantic import (
     JsonValue,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from agent.config import ConfigError, RuntimeConfig, format_errors, parse_runtime
 from agent.topics import Kind
@@ -30,8 +34,10 @@ MAX_TEXT_CHARS = 4096
 MAX_TEXTS = 256
 MAX_ID_CHARS = 128
 MAX_LABEL_CHARS = 128
+MAX_ENTITIES = 512  # spans in one sample
 MAX_PAYLOAD_BYTES: dict[Kind, int] = {
     Kind.INFER: 1024 * 1024,
+    Kind.ENTITIES: 1024 * 1024,
     Kind.EVENT: 32 * 1024,
     Kind.SAMPLE: 32 * 1024,
     Kind.FEEDBACK: 4 * 1024,
@@ -125,6 +131,10 @@ class InferRequest(_Message):
         return [self.text] if self.text is not None else list(self.texts or [])
 
 
+class EntityRequest(InferRequest):
+    """``entities/req``: the texts whose entity spans are asked for; the shape and limits of ``infer/req``."""
+
+
 class Event(_Message):
     id: Id | None = Field(
         None, description="record id, used as the prediction id (default: a hash of the payload)"
@@ -137,16 +147,55 @@ class Event(_Message):
 
 
 class Sample(_Message):
+    """A labeled text: a ``label`` for a classifier, or ``entities`` (spans) for a token-classification
+    box. The spans' offsets, labels and overlaps are checked by the handler against the serving
+    bundle's entity labels (``agent.entities.validate_spans``), which knows them."""
+
     id: Id | None = Field(None, description="sample id; a redelivered sample with the same id is stored once")
     text: Text = Field(description="the text")
-    label: Label = Field(description="its label: one of the model's labels")
+    # Before label: label's check below sees whether entities were given.
+    entities: list[JsonValue] | None = Field(
+        None,
+        max_length=MAX_ENTITIES,
+        description="its entities: [{start, end, label, text?}], character offsets, end exclusive",
+    )
+    label: Label | None = Field(
+        None, validate_default=True, description="its label: one of the model's labels"
+    )
     ts: Timestamp | None = Field(None, description="when the sample was labeled")
 
-    def key(self) -> str:
-        """The de-duplication key: the id, or (without one) the content."""
+    @field_validator("label")
+    @classmethod
+    def _label_unless_entities(cls, label: str | None, info: ValidationInfo) -> str | None:
+        # Reported as before entities existed, so a label sample without its label reads the same.
+        # Entities that failed their own check are not in info.data: their error says enough.
+        if label is None and "entities" in info.data and info.data["entities"] is None:
+            raise PydanticCustomError("missing", "Field required")
+        return label
+
+    @model_validator(mode="after")
+    def _not_both(self) -> Sample:
+        if self.label is not None and self.entities is not None:
+            raise ValueError("give either label (the text's class) or entities (its spans), not both")
+        return self
+
+    def key(self, spans: Sequence[tuple[int, int, str]] | None = None) -> str:
+        """The de-duplication key: the id, or (without one) the content. A span sample's content is
+        its text and ``spans``, its entities as ``agent.entities.validate_spans`` returns them."""
         if self.id is not None:
             return "id:" + self.id
-        return "sha256:" + hashlib.sha256(f"{self.text}\x00{self.label}".encode()).hexdigest()
+        if self.entities is None:
+            return "sha256:" + hashlib.sha256(f"{self.text}\x00{self.label}".encode()).hexdigest()
+        if spans is None:
+            raise ValueError("a span sample's key needs its validated spans")
+        # Texts and labels hold no NUL: this cannot hash like a label sample, whatever its label.
+        content = f"{self.text}\x00entities\x00{canonical_spans(spans)}"
+        return "sha256:" + hashlib.sha256(content.encode()).hexdigest()
+
+
+def canonical_spans(spans: Sequence[tuple[int, int, str]]) -> str:
+    """``[[start, end, label], ...]`` as compact JSON: how span samples are keyed and stored."""
+    return json.dumps([[start, end, label] for start, end, label in spans], separators=(",", ":"))
 
 
 class Feedback(_Message):
@@ -170,6 +219,7 @@ class Command(_Message):
 
 MODELS: dict[Kind, type[BaseModel]] = {
     Kind.INFER: InferRequest,
+    Kind.ENTITIES: EntityRequest,
     Kind.EVENT: Event,
     Kind.SAMPLE: Sample,
     Kind.FEEDBACK: Feedback,

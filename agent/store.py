@@ -6,8 +6,10 @@ acked by the caller only after ``write`` returns: a failed write raises ``Storag
 nothing half-done.
 
 Samples are split into ``train`` and ``holdout`` as they arrive, stratified by label (each label
-keeps ``holdout_fraction`` of its samples in the holdout). Retention removes the oldest training
-samples first; the holdout gives up rows only where it is over its share of the limit.
+keeps ``holdout_fraction`` of its samples in the holdout; a token-classification box's span samples
+all carry the label ``ENTITY_SAMPLE_LABEL``, one stratum, their spans in ``entities``). Retention
+removes the oldest training samples first; the holdout gives up rows only where it is over its share
+of the limit.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ KEEP_OUTBOX_ACKED = 200
 # is resent at once on the new session (agent.fed.client), not after this.
 OUTBOX_MAX_RESEND_S = 6 * 3600.0
 DELETE_CHUNK = 5000
+# The label column of span rows (a token-classification box's samples and predictions): span
+# samples share one holdout stratum; the learner tells them apart by ``entities IS NOT NULL``.
+ENTITY_SAMPLE_LABEL = "entities"
 
 migrations = Migrations("edge-agent")
 
@@ -173,6 +178,14 @@ def m004_bundle_chunks(db: Database) -> None:
     )
 
 
+@migrations()
+def m005_entities(db: Database) -> None:
+    # Token-classification boxes: a span sample's entities as JSON [[start, end, label], ...], an
+    # entity event's spans as [[start, end, label, score], ...]; NULL on a classifier's rows.
+    db.execute("ALTER TABLE samples ADD COLUMN entities TEXT")
+    db.execute("ALTER TABLE predictions ADD COLUMN entities TEXT")
+
+
 # ---- errors ---------------------------------------------------------------------------------
 
 
@@ -213,6 +226,7 @@ class NewSample:
     sample_id: str | None = None
     ts: float | None = None
     source: str = "sample"
+    entities: str | None = None  # a span sample: JSON [[start, end, label], ...], label ENTITY_SAMPLE_LABEL
 
 
 @dataclass(frozen=True)
@@ -235,6 +249,7 @@ class NewPrediction:
     source: str | None = None
     ts: float | None = None
     latency_ms: float | None = None  # message received -> prediction made
+    entities: str | None = None  # an entity event: JSON [[start, end, label, score], ...]
 
 
 NewRow = NewSample | NewFeedback | NewPrediction
@@ -441,11 +456,11 @@ class Store:
     ) -> Outcome:
         c = self._label_count(conn, row.label, counts)
         split = HOLDOUT if c[1] < holdout_target(c[0] + 1, fraction) else TRAIN
-        size = len(row.text.encode()) + len(row.label.encode())
+        size = len(row.text.encode()) + len(row.label.encode()) + len((row.entities or "").encode())
         cur = conn.execute(
-            "INSERT OR IGNORE INTO samples (key, sample_id, text, label, split, source, bytes, ts, received_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (row.key, row.sample_id, row.text, row.label, split, row.source, size, row.ts, now),
+            "INSERT OR IGNORE INTO samples (key, sample_id, text, label, split, source, bytes, ts, received_at,"
+            " entities) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.key, row.sample_id, row.text, row.label, split, row.source, size, row.ts, now, row.entities),
         )
         if cur.rowcount == 0:
             return Outcome.DUPLICATE
@@ -476,7 +491,7 @@ class Store:
     ) -> Outcome:
         cur = conn.execute(
             "INSERT OR IGNORE INTO predictions (id, text, text_sha256, label, score, top_k, adapter_version,"
-            " source, ts, created_at, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " source, ts, created_at, latency_ms, entities) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.id,
                 row.text,
@@ -489,6 +504,7 @@ class Store:
                 row.ts,
                 now,
                 row.latency_ms,
+                row.entities,
             ),
         )
         if cur.rowcount == 0:

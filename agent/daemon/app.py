@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # disk had room again (the chaos suite's disk_full found it). QoS 0 messages pass a full window.
 # A request sent while the box is offline is not queued for it (queue_qos0_messages false): its
 # sender times out and asks again, instead of getting a late answer after a reconnect.
-REQUEST_KINDS = frozenset({Kind.INFER, Kind.COMMAND})
+REQUEST_KINDS = frozenset({Kind.INFER, Kind.ENTITIES, Kind.COMMAND})
 
 # Seconds SIGTERM waits for in-flight inference and the last commit.
 DRAIN_TIMEOUT_S = 10.0

@@ -1,28 +1,33 @@
-"""``infer/req`` and ``events``: texts to the engine, answers from its callbacks.
+"""``infer/req``, ``entities/req`` and ``events``: texts to the engine, answers from its callbacks.
 
 The engine micro-batches; nothing here blocks paho's thread. A request is answered on
-``infer/res`` (or its MQTT 5 response topic) and acked once the answer is queued. An event's
-prediction is written to SQLite by the ingest writer and published on ``predictions`` once
-committed, so a redelivered event is answered again but stored once.
+``infer/res`` (``entities/res``; or its MQTT 5 response topic) and acked once the answer is queued.
+An event's prediction is written to SQLite by the ingest writer and published on ``predictions``
+(a token-classification box's spans on ``entities``) once committed, so a redelivered event is
+answered again but stored once. Which of the two a box does follows its bundle's task
+(``agent.daemon.ingest.task_of``); a request for the other task is refused with ``not_available``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from agent.bundle import Task
 from agent.config import RuntimeConfig
-from agent.daemon.ingest import IngestWriter, Pending
+from agent.daemon.ingest import TOKEN_CLASSIFICATION, IngestWriter, Pending, task_mismatch, task_of
 from agent.daemon.replies import Inflight, Replier
 from agent.daemon.settings import EngineLike
+from agent.entities import Span
 from agent.health import Counters
 from agent.messages import ErrorCode, Event, InferRequest, MessageError, error_payload, event_id
 from agent.mqtt import InboundMessage
-from agent.store import NewPrediction
+from agent.store import ENTITY_SAMPLE_LABEL, NewPrediction
 from agent.topics import Kind
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,7 @@ class TokenBucket:
 
 
 class InferenceHandler:
-    kinds = (Kind.INFER, Kind.EVENT)
+    kinds = (Kind.INFER, Kind.ENTITIES, Kind.EVENT)
 
     def __init__(
         self,
@@ -76,6 +81,7 @@ class InferenceHandler:
         self.engine = engine
         self.replier = replier
         self.transport = replier.transport
+        self.topics = replier.topics
         self.writer = writer
         self.inflight = inflight
         self.counters = counters
@@ -83,30 +89,40 @@ class InferenceHandler:
         self._bucket = TokenBucket()
 
     def handle(self, kind: Kind, model: Any, msg: InboundMessage) -> None:
-        if isinstance(model, InferRequest):
-            rate = self.runtime().inference.max_requests_per_s
-            if rate and not self._bucket.take(rate):
-                err = MessageError(
-                    ErrorCode.RATE_LIMITED, f"more than {rate:g} requests/s; retry later", model.id
-                )
-                self.replier.reject(kind, msg, err)
-                return
-            self._infer(model, msg)
-        else:
+        if kind is Kind.EVENT:
             assert isinstance(model, Event)
             self._event(model, msg)
+            return
+        assert isinstance(model, InferRequest)  # entities/req's EntityRequest is one too
+        refusal = task_mismatch(task_of(self.engine), kind, model)
+        if refusal is not None:
+            self.replier.reject(kind, msg, refusal)
+            return
+        rate = self.runtime().inference.max_requests_per_s
+        if rate and not self._bucket.take(rate):
+            err = MessageError(
+                ErrorCode.RATE_LIMITED, f"more than {rate:g} requests/s; retry later", model.id
+            )
+            self.replier.reject(kind, msg, err)
+            return
+        self._request(kind, model, msg)
 
-    def _infer(self, req: InferRequest, msg: InboundMessage) -> None:
+    def _request(self, kind: Kind, req: InferRequest, msg: InboundMessage) -> None:
         self.inflight.add()
         try:
             future = self.engine.submit(req.all_texts())
         except Exception as e:
-            self._infer_done(req, msg, None, e)
+            self._request_done(kind, req, msg, None, e)
             return
-        future.add_done_callback(lambda f: self._infer_done(req, msg, f, None))
+        future.add_done_callback(lambda f: self._request_done(kind, req, msg, f, None))
 
-    def _infer_done(
-        self, req: InferRequest, msg: InboundMessage, future: Future | None, exc: BaseException | None
+    def _request_done(
+        self,
+        kind: Kind,
+        req: InferRequest,
+        msg: InboundMessage,
+        future: Future | None,
+        exc: BaseException | None,
     ) -> None:
         try:
             if future is not None:
@@ -117,30 +133,43 @@ class InferenceHandler:
                 payload = error_payload(ErrorCode.INFERENCE, f"inference failed: {exc}", req.id)
             else:
                 assert future is not None
-                preds = future.result()
-                threshold = self.runtime().inference.low_confidence_threshold
-                payload = {
-                    "id": req.id,
-                    "predictions": [prediction_json(p, threshold) for p in preds],
-                    "adapter_version": preds[0].adapter_version if preds else None,
-                    "latency_ms": round((time.monotonic() - msg.received_at) * 1000.0, 3),
-                }
-            self.replier.reply(Kind.INFER, msg, payload)
+                answers = future.result()
+                latency_ms = round((time.monotonic() - msg.received_at) * 1000.0, 3)
+                if kind is Kind.ENTITIES:
+                    payload = {
+                        "id": req.id,
+                        "entities": [[span.to_json() for span in spans] for spans in answers],
+                        # Spans carry no adapter version: the engine's, as the answer arrives.
+                        "adapter_version": self.engine.adapter_version,
+                        "latency_ms": latency_ms,
+                    }
+                else:
+                    threshold = self.runtime().inference.low_confidence_threshold
+                    payload = {
+                        "id": req.id,
+                        "predictions": [prediction_json(p, threshold) for p in answers],
+                        "adapter_version": answers[0].adapter_version if answers else None,
+                        "latency_ms": latency_ms,
+                    }
+            self.replier.reply(kind, msg, payload)
             self.transport.ack(msg)
         finally:
             self.inflight.done()
 
     def _event(self, event: Event, msg: InboundMessage) -> None:
         self.inflight.add()
+        # Asked before the submit: the engine that takes it answers for this task, even across a
+        # bundle switch (the old engine finishes its queue).
+        task = task_of(self.engine)
         try:
             future = self.engine.submit([event.text])
         except Exception as e:
-            self._event_done(event, msg, None, e)
+            self._event_done(event, msg, task, None, e)
             return
-        future.add_done_callback(lambda f: self._event_done(event, msg, f, None))
+        future.add_done_callback(lambda f: self._event_done(event, msg, task, f, None))
 
     def _event_done(
-        self, event: Event, msg: InboundMessage, future: Future | None, exc: BaseException | None
+        self, event: Event, msg: InboundMessage, task: Task, future: Future | None, exc: BaseException | None
     ) -> None:
         try:
             pid = event_id(event, msg.payload)
@@ -151,29 +180,54 @@ class InferenceHandler:
                 self.replier.reject(Kind.EVENT, msg, err)
                 return
             assert future is not None
-            (pred,) = future.result()
+            (answer,) = future.result()
             runtime = self.runtime()
+            text = event.text if runtime.store.store_text else None
             digest = hashlib.sha256(event.text.encode()).hexdigest()
-            row = NewPrediction(
-                id=pid,
-                text=event.text if runtime.store.store_text else None,
-                text_sha256=digest,
-                label=pred.label,
-                score=pred.score,
-                top_k=list(pred.top_k),
-                adapter_version=pred.adapter_version,
-                source=event.source,
-                ts=event.ts,
-                latency_ms=round((time.monotonic() - msg.received_at) * 1000.0, 3),
-            )
-            publish = {
-                "id": pid,
-                **prediction_json(pred, runtime.inference.low_confidence_threshold),
-                "adapter_version": pred.adapter_version,
-                "source": event.source,
-                "ts": event.ts,
-                "latency_ms": row.latency_ms,
-            }
-            self.writer.put(Pending(Kind.EVENT, row, msg, pid, publish))
+            latency_ms = round((time.monotonic() - msg.received_at) * 1000.0, 3)
+            if task == TOKEN_CLASSIFICATION:
+                spans: tuple[Span, ...] = answer
+                version = self.engine.adapter_version
+                row = NewPrediction(
+                    id=pid,
+                    text=text,
+                    text_sha256=digest,
+                    label=ENTITY_SAMPLE_LABEL,
+                    # The least certain span speaks for the record; nothing found is certain.
+                    score=min((s.score for s in spans), default=1.0),
+                    top_k=[],
+                    adapter_version=version,
+                    source=event.source,
+                    ts=event.ts,
+                    latency_ms=latency_ms,
+                    entities=json.dumps([[s.start, s.end, s.label, s.score] for s in spans]),
+                )
+                publish: dict[str, Any] = {
+                    "id": pid,
+                    "entities": [s.to_json() for s in spans],
+                    "adapter_version": version,
+                }
+                topic = self.topics.entities
+            else:
+                row = NewPrediction(
+                    id=pid,
+                    text=text,
+                    text_sha256=digest,
+                    label=answer.label,
+                    score=answer.score,
+                    top_k=list(answer.top_k),
+                    adapter_version=answer.adapter_version,
+                    source=event.source,
+                    ts=event.ts,
+                    latency_ms=latency_ms,
+                )
+                publish = {
+                    "id": pid,
+                    **prediction_json(answer, runtime.inference.low_confidence_threshold),
+                    "adapter_version": answer.adapter_version,
+                }
+                topic = self.topics.predictions
+            publish.update(source=event.source, ts=event.ts, latency_ms=latency_ms)
+            self.writer.put(Pending(Kind.EVENT, row, msg, pid, publish, topic))
         finally:
             self.inflight.done()

@@ -15,7 +15,7 @@ from typing import Any
 
 from agent import __version__
 from agent.config import BootstrapConfig
-from agent.daemon.ingest import IngestWriter
+from agent.daemon.ingest import IngestWriter, entity_labels, task_of
 from agent.daemon.runtime_config import LiveConfig
 from agent.daemon.settings import EngineLike
 from agent.health import Counters, SystemProbe
@@ -92,7 +92,10 @@ class Reporter:
             "adapter_version": self.engine.adapter_version,
             # What answers: the gate's choice among transformer, linear and combined.
             "serving_model": getattr(self.engine, "serving_model", "transformer"),
-            "labels": sorted(self.engine.labels),
+            # What the box answers: labels (infer/req) or entity spans (entities/req); for the
+            # latter ``labels`` are the entity labels samples may use, not the head's tags.
+            "task": task_of(self.engine),
+            "labels": sorted(entity_labels(self.engine) or self.engine.labels),
             "store": self._store(),
             "storage_error": self._storage_error(),
             "queues": self.queues(),

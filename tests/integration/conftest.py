@@ -1,5 +1,6 @@
 """Daemon integration fixtures: a real mosquitto per test, a real SQLite file, the real engine on
-the tiny bundle (``tiny_bundle`` from tests/conftest.py), the daemon in-process or as a process."""
+the tiny bundle (``tiny_bundle`` from tests/conftest.py) or its token-classification twin
+(``token_bundle``), the daemon in-process or as a process."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from tests.integration.mosquitto import Mosquitto
 ROOT = Path(__file__).resolve().parents[2]
 SITE, DEVICE = "plant-t", "box-1"
 BASE = f"edge/{SITE}/{DEVICE}/"
+ENTITY_LABELS = json.loads((ROOT / "models" / "entities.json").read_text())["labels"]
 
 
 def wait_until(
@@ -50,6 +52,26 @@ def query(db_path: Path, sql: str, params: tuple = ()) -> list[tuple]:
         return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+@pytest.fixture(scope="session")
+def token_bundle(tmp_path_factory) -> Path:
+    """A tiny token-classification bundle (work-order entities, BILOU tags), short windows."""
+    from agent.build import build_bundle
+    from tests.tiny import make_tiny_bert
+
+    root = tmp_path_factory.mktemp("tiny-token")
+    out = root / "bundle"
+    build_bundle(
+        out,
+        model_path=make_tiny_bert(root / "hf-model"),
+        labels=ENTITY_LABELS,
+        precisions=("fp32", "int8"),
+        max_length=48,  # short windows: long texts need several
+        task="token-classification",
+        tag_scheme="BILOU",
+    )
+    return out
 
 
 @pytest.fixture

@@ -3,9 +3,6 @@ logits equal to torch's, and the spans decoded from them equal to those decoded 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -14,29 +11,10 @@ from tokenizers import Tokenizer
 from agent.bundle import TOKENIZER_JSON, check_bundle, load_manifest
 from agent.entities import TagScheme, decode
 from agent.lora_graph import HEAD_BIAS, HEAD_WEIGHT
+from tests.integration.conftest import ENTITY_LABELS
 from tools.workorders import workorder_dataset
 
-ENTITY_LABELS = json.loads((Path(__file__).parents[2] / "models" / "entities.json").read_text())["labels"]
 TEXTS = [wo.text for wo in workorder_dataset(30, seed=3)]
-
-
-@pytest.fixture(scope="module")
-def token_bundle(tmp_path_factory):
-    from agent.build import build_bundle
-    from tests.tiny import make_tiny_bert
-
-    root = tmp_path_factory.mktemp("tiny-token")
-    out = root / "bundle"
-    build_bundle(
-        out,
-        model_path=make_tiny_bert(root / "hf-model"),
-        labels=ENTITY_LABELS,
-        precisions=("fp32", "int8"),
-        max_length=48,  # short windows: the long texts below need several
-        task="token-classification",
-        tag_scheme="BILOU",
-    )
-    return out
 
 
 def torch_model(bundle):

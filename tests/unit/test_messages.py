@@ -12,12 +12,14 @@ from agent.messages import (
     MAX_TEXT_CHARS,
     MAX_TEXTS,
     Command,
+    EntityRequest,
     ErrorCode,
     Event,
     Feedback,
     InferRequest,
     MessageError,
     Sample,
+    canonical_spans,
     event_id,
     parse,
 )
@@ -214,6 +216,69 @@ def test_models_for_each_kind():
     assert Sample(id="s1", text="t", label="a").key() == "id:s1"
 
 
+# ---- entities -----------------------------------------------------------------------------------
+
+SPANS = [
+    {"start": 9, "end": 16, "label": "PART"},
+    {"start": 0, "end": 8, "label": "ACTION", "text": "replaced"},
+]
+
+
+def test_entity_requests_take_the_shape_and_limits_of_infer_requests():
+    req = parse(Kind.ENTITIES, enc({"id": "n1", "texts": ["a", "b"]}))
+    assert isinstance(req, EntityRequest) and req.all_texts() == ["a", "b"]
+    assert MAX_PAYLOAD_BYTES[Kind.ENTITIES] == MAX_PAYLOAD_BYTES[Kind.INFER]
+    e = error_of(Kind.ENTITIES, enc({"id": "n", "texts": ["a"] * (MAX_TEXTS + 1)}))
+    assert e.code is ErrorCode.INVALID_PAYLOAD and e.message.startswith("texts: ") and e.request_id == "n"
+    assert error_of(Kind.ENTITIES, enc({"id": "n", "text": "a", "texts": ["b"]})).details == [
+        "(top level): give exactly one of text or texts"
+    ]
+
+
+def test_span_samples_parse_and_keep_their_entities_as_sent():
+    sample = parse(Kind.SAMPLE, enc({"text": "replaced bearing", "entities": SPANS, "ts": 5.0}))
+    assert isinstance(sample, Sample)
+    assert (sample.label, sample.entities, sample.ts) == (None, SPANS, 5.0)
+    # the spans' own checks need the bundle's labels: the handler does them, not the schema
+    odd = parse(Kind.SAMPLE, enc({"text": "t", "entities": [{"start": "0", "end": 1, "label": "X"}, 3]}))
+    assert isinstance(odd, Sample) and odd.entities == [{"start": "0", "end": 1, "label": "X"}, 3]
+
+
+@pytest.mark.parametrize(
+    "payload,details",
+    [
+        ({"text": "a"}, ["label: Field required"]),  # as before entities existed
+        ({"text": "a", "entities": None}, ["label: Field required"]),
+        (
+            {"text": "a", "label": "x", "entities": SPANS},
+            ["(top level): give either label (the text's class) or entities (its spans), not both"],
+        ),
+        # a malformed entities field is the one error: no "label" missing as well
+        ({"text": "a", "entities": "PART"}, ['entities: Input should be a valid list (got "PART")']),
+        (
+            {"text": 3, "label": 4},
+            ["text: Input should be a valid string (got 3)", "label: Input should be a valid string (got 4)"],
+        ),
+    ],
+)
+def test_a_sample_has_exactly_one_of_label_and_entities(payload, details):
+    e = error_of(Kind.SAMPLE, enc(payload))
+    assert e.code is ErrorCode.INVALID_PAYLOAD and e.details == details
+
+
+def test_span_sample_key_is_its_id_or_text_and_canonical_spans():
+    spans = [(0, 8, "ACTION"), (9, 16, "PART")]
+    sample = Sample(text="replaced bearing", entities=list(SPANS))
+    key = sample.key(spans)
+    assert key.startswith("sha256:") and key == Sample(text="replaced bearing", entities=[]).key(spans)
+    assert key != sample.key([(0, 8, "ACTION")]) != Sample(text="replaced bearings", entities=[]).key(spans)
+    assert key != Sample(text="replaced bearing", label=canonical_spans(spans)).key()
+    assert Sample(id="n1", text="t", entities=[]).key() == "id:n1"
+    with pytest.raises(ValueError, match="validated spans"):
+        sample.key()
+    assert canonical_spans(spans) == '[[0,8,"ACTION"],[9,16,"PART"]]'
+
+
 # ---- topics -----------------------------------------------------------------------------------
 
 
@@ -226,6 +291,9 @@ def test_topics_namespace():
     assert t.kind_of("edge/plant-b/box1/samples") is None
     assert t.result_topic(Kind.FEEDBACK) == "edge/plant-a/box1/feedback/res"
     assert t.result_topic(Kind.CONFIG) == t.config_state
+    assert t.kind_of("edge/plant-a/box1/entities/req") is Kind.ENTITIES
+    assert t.result_topic(Kind.ENTITIES) == t.entities_res == "edge/plant-a/box1/entities/res"
+    assert t.entities == "edge/plant-a/box1/entities" and t.kind_of(t.entities) is None
     assert set(t.inbound().values()) == set(Kind)
     for bad in ("a/b", "+", "#", "", "$SYS"):
         with pytest.raises(ValueError):

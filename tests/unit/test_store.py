@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.store import (
+    ENTITY_SAMPLE_LABEL,
     HOLDOUT,
     TRAIN,
     NewFeedback,
@@ -72,6 +73,7 @@ def test_open_migrates_once_and_uses_wal(tmp_path):
         "m002_outbox_for_uploads",
         "m003_prediction_latency",
         "m004_bundle_chunks",
+        "m005_entities",
     ]
     s2.close()
 
@@ -123,6 +125,68 @@ def test_prediction_without_text(store):
     p = NewPrediction(id="p", text=None, text_sha256="abc", label="a", score=0.5, top_k=[("a", 0.5)])
     store.write([p], 0.1)
     assert rows(store, "SELECT text, text_sha256, top_k FROM predictions") == [(None, "abc", '[["a", 0.5]]')]
+
+
+def test_m005_adds_nullable_entities_to_a_database_that_has_rows(tmp_path):
+    from sqlite_utils import Database
+
+    from agent.store import migrations
+
+    path = tmp_path / "old.db"
+    old = Store(path)
+    migrations.apply(old.db, stop_before="m005_entities")  # a box from before entities
+    old.db.conn.execute(
+        "INSERT INTO samples (key, text, label, split, bytes, received_at) VALUES ('k', 't', 'a', 'train', 2, 0)"
+    )
+    old.db.conn.commit()
+    assert "entities" not in Database(old.db.conn)["samples"].columns_dict
+    old.close()
+    s = Store(path).open()
+    try:
+        for table in ("samples", "predictions"):
+            info = {r[1]: (r[2], r[3]) for r in rows(s, f"PRAGMA table_info({table})")}
+            assert info["entities"] == ("TEXT", 0)  # nullable
+        assert rows(s, "SELECT label, entities FROM samples") == [("a", None)]
+        assert s.totals()["samples"] == 1
+    finally:
+        s.close()
+
+
+def test_span_samples_and_entity_predictions_are_stored_with_their_json(store):
+    spans = '[[0,8,"ACTION"],[9,16,"PART"]]'
+    span_rows = [
+        NewSample(
+            key=f"id:n{i}",
+            sample_id=f"n{i}",
+            text="replaced bearing",
+            label=ENTITY_SAMPLE_LABEL,
+            entities=spans,
+        )
+        for i in range(20)
+    ]
+    assert store.write([*span_rows, sample(99, "a"), span_rows[0]], 0.1) == [Outcome.STORED] * 21 + [
+        Outcome.DUPLICATE
+    ]
+    got = rows(store, "SELECT label, entities, bytes FROM samples WHERE entities IS NOT NULL")
+    assert len(got) == 20 and {g[:2] for g in got} == {(ENTITY_SAMPLE_LABEL, spans)}
+    # the entities JSON counts against the byte quota
+    assert {g[2] for g in got} == {len("replaced bearing") + len(ENTITY_SAMPLE_LABEL) + len(spans)}
+    assert store.totals()["sample_bytes"] == sum(g[2] for g in got) + len("text 99") + 1
+    # span samples are one stratum: 10 % of their 20 in the holdout (the learner's query)
+    assert rows(
+        store, "SELECT count(*) FROM samples WHERE entities IS NOT NULL AND split = ?", (HOLDOUT,)
+    ) == [(2,)]
+    assert rows(store, "SELECT label, entities FROM samples WHERE sample_id = 's99'") == [("a", None)]
+
+    found = '[[20,30,"ASSET",0.5]]'
+    p = NewPrediction(
+        id="ev", text="t", text_sha256="h", label=ENTITY_SAMPLE_LABEL, score=0.5, top_k=[], entities=found
+    )
+    assert store.write([p, prediction("plain")], 0.1) == [Outcome.STORED, Outcome.STORED]
+    assert rows(store, "SELECT id, label, score, top_k, entities FROM predictions ORDER BY id") == [
+        ("ev", ENTITY_SAMPLE_LABEL, 0.5, "[]", found),
+        ("plain", "a", 0.9, '[["a", 0.9], ["b", 0.1]]', None),
+    ]
 
 
 def test_failed_write_is_all_or_nothing(store, tmp_path):
