@@ -47,8 +47,7 @@ from tokenizers import Tokenizer
 from agent import providers as prov
 from agent.adapters import AdapterError, OrtAdapter, read_adapter, write_ort_adapter
 from agent.bundle import TOKENIZER_JSON, BundleManifest, load_manifest
-from agent.entities import Span
-from agent.entity_serving import SpanExtractor
+from agent.entity_serving import Entities, SpanExtractor
 from agent.linear import LinearModel, combine_log_probs
 
 log = logging.getLogger(__name__)
@@ -1094,7 +1093,7 @@ class InferenceEngine:
         self._stage_s["lookup"] += time.perf_counter() - t_lookup
         return out, misses, cache
 
-    def _extract(self, texts: list[str], active: _Active) -> dict[str, tuple[Span, ...]]:
+    def _extract(self, texts: list[str], active: _Active) -> dict[str, Entities]:
         """Entity spans per text (token-classification bundles), batched like ``_classify``."""
         extractor = self._extractor
         assert extractor is not None
@@ -1129,7 +1128,7 @@ class InferenceEngine:
             self._counters["padded_tokens"] += batch_ids.size
         td = time.perf_counter()
         for i, text in enumerate(misses):
-            out[text] = extractor.decode(text, encodings[i], logits[i])  # type: ignore[arg-type]
+            out[text] = extractor.decode(text, encodings[i], logits[i], version)  # type: ignore[arg-type]
         stage["post"] += time.perf_counter() - td
         self._counters["real_tokens"] += sum(lengths)
         self._cache_misses(cache, misses, version, out)

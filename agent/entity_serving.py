@@ -9,6 +9,7 @@ decoded into spans with character offsets into the original text (``agent.entiti
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import cast
 
@@ -21,6 +22,19 @@ from agent.entities import STRATEGIES, Span, Strategy, TagScheme, check_window_s
 # Tokens shared by neighbouring windows of a long text: each token is then decoded from a window
 # where it has at least this much context on its nearer side.
 DEFAULT_STRIDE_FRACTION = 0.25
+
+
+class Entities(tuple):
+    """One text's spans (a tuple of ``Span``, by start) and the adapter version that found them,
+    as a classifier's ``Prediction`` carries its own: an answer read across a hot swap names the
+    adapter that made it, not the one serving when it is published."""
+
+    adapter_version: str | None
+
+    def __new__(cls, spans: Iterable[Span], adapter_version: str | None) -> Entities:
+        entities = super().__new__(cls, spans)
+        entities.adapter_version = adapter_version
+        return entities
 
 
 def window_tokenizer(bundle_dir: Path, manifest: BundleManifest) -> Tokenizer:
@@ -51,8 +65,15 @@ class SpanExtractor:
         """Each text's windows (one for a text that fits): one batch call for the whole request batch."""
         return [[e, *e.overflowing] for e in self._tokenizer.encode_batch(texts)]
 
-    def decode(self, text: str, encodings: list[Encoding], logits: list[np.ndarray]) -> tuple[Span, ...]:
+    def decode(
+        self,
+        text: str,
+        encodings: list[Encoding],
+        logits: list[np.ndarray],
+        adapter_version: str | None = None,
+    ) -> Entities:
         """One text's spans from its windows' logits ([window tokens, tags] each)."""
-        return tuple(
-            merge_windows(text, list(zip(encodings, logits, strict=True)), self.scheme, self.strategy)
+        return Entities(
+            merge_windows(text, list(zip(encodings, logits, strict=True)), self.scheme, self.strategy),
+            adapter_version,
         )

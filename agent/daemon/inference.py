@@ -23,7 +23,7 @@ from agent.config import RuntimeConfig
 from agent.daemon.ingest import TOKEN_CLASSIFICATION, IngestWriter, Pending, task_mismatch, task_of
 from agent.daemon.replies import Inflight, Replier
 from agent.daemon.settings import EngineLike
-from agent.entities import Span
+from agent.entity_serving import Entities
 from agent.health import Counters
 from agent.messages import ErrorCode, Event, InferRequest, MessageError, error_payload, event_id
 from agent.mqtt import InboundMessage
@@ -139,8 +139,7 @@ class InferenceHandler:
                     payload = {
                         "id": req.id,
                         "entities": [[span.to_json() for span in spans] for spans in answers],
-                        # Spans carry no adapter version: the engine's, as the answer arrives.
-                        "adapter_version": self.engine.adapter_version,
+                        "adapter_version": answers[0].adapter_version if answers else None,
                         "latency_ms": latency_ms,
                     }
                 else:
@@ -186,8 +185,8 @@ class InferenceHandler:
             digest = hashlib.sha256(event.text.encode()).hexdigest()
             latency_ms = round((time.monotonic() - msg.received_at) * 1000.0, 3)
             if task == TOKEN_CLASSIFICATION:
-                spans: tuple[Span, ...] = answer
-                version = self.engine.adapter_version
+                spans: Entities = answer
+                version = spans.adapter_version
                 row = NewPrediction(
                     id=pid,
                     text=text,

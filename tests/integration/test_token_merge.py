@@ -56,6 +56,8 @@ def test_merged_token_session_serves_the_lora_paths_spans(token_bundle_and_adapt
         assert verify["rows"] > 5 * len(TEXTS) and verify["max_abs_logit_diff_vs_lora_path"] <= 1e-4
         got = engine.predict([*TEXTS, LONG])
     assert sum(len(s) for s in expected) > 20
+    # Each answer names the adapter that found it (the daemon publishes that, not the engine's now).
+    assert {a.adapter_version for a in [*expected, *got]} == {"t1"}
     for want, have in zip(expected, got, strict=True):
         assert [(s.start, s.end, s.label) for s in have] == [(s.start, s.end, s.label) for s in want]
         assert [s.score for s in have] == pytest.approx([s.score for s in want], abs=1e-4)
