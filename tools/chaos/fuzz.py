@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any
 
+from agent.entities import SpanError, validate_spans
 from agent.fed import protocol
 from agent.fed.wire import WireError, parse_chunk, tensors_from_bytes
 from agent.messages import MessageError, Sample, parse
@@ -28,9 +29,12 @@ from agent.topics import Kind
 from tests.integration.conftest import Peer, wait_until
 from tests.tiny import TINY_LABELS
 from tools.chaos.world import OPERATOR, Box, World, settle_rows
+from tools.workorders import ENTITY_LABELS
 
 VALID: dict[str, dict[str, Any]] = {
     "infer/req": {"id": "r1", "text": "motor M4 overheating"},
+    # The fuzzed box classifies: entity requests and span samples are refused (not_available).
+    "entities/req": {"id": "n1", "text": "replaced seal on pump P-101"},
     "events": {"id": "e1", "text": "conveyor C2 current high", "source": "plc3"},
     "samples": {"id": "s1", "text": "belt worn on packer 3", "label": "mechanical"},
     "feedback": {"id": "f1", "prediction_id": "e1", "label": "thermal"},
@@ -45,6 +49,7 @@ VALID: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 KIND_OF = {
     "infer/req": Kind.INFER,
+    "entities/req": Kind.ENTITIES,
     "events": Kind.EVENT,
     "samples": Kind.SAMPLE,
     "feedback": Kind.FEEDBACK,
@@ -275,7 +280,20 @@ def fuzz_in_process(examples: int = 300) -> dict[str, Any]:
             except Exception as e:  # noqa: BLE001
                 raise AssertionError(f"{fn.__name__} raised {type(e).__name__}: {e}") from e
 
+    @cfg
+    @given(st.text(max_size=40), json_values)
+    def span_samples(text: str, entities: Any) -> None:
+        # What a token box's sample handler runs on the entities of a parsed sample.
+        count["n"] += 1
+        try:
+            validate_spans(text, entities, ENTITY_LABELS)
+        except SpanError as e:
+            assert str(e)
+        except Exception as e:  # noqa: BLE001
+            raise AssertionError(f"validate_spans raised {type(e).__name__}: {e}") from e
+
     box_topics()
     fed_messages()
     frames()
+    span_samples()
     return {"messages": count["n"], "crashes": 0}
