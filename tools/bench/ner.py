@@ -18,9 +18,15 @@ What runs (CPU; the engine's intra-op threads are the physical cores, and torch 
 3. agreement on ``--agreement-texts`` (500) texts: the engine's spans against torch + peft fp32
    (the unmerged ``PeftModel`` on each window alone, decoded by the same ``SpanExtractor``), span F1
    with torch as gold, per precision the bundle has;
-4. the CRF baseline under drift (``tools.bench.crf.CrfBaseline``): trained on the pre-drift half of
-   ``workorder_dataset(--crf-n, drift=True)``, scored on the drifted half (``crf_f1_drift``).
-   Online learning of entities is not built yet (no token-classification learner): its keys are null.
+4. the CRF baseline trained once: on the pre-drift half of ``workorder_dataset(--crf-n, drift=True)``,
+   scored on the drifted half (``crf_f1_drift_pre_only``);
+5. online entity learning under drift (``tools.bench.ner_learning``, its docstring has the protocol)
+   on ``workorder_dataset(--learning-n, drift=True)`` in ``--chunks`` drifted chunks: the learner's
+   gated LoRA rounds (``f1_drift_online``, pooled prequential entity F1 over the chunks after the
+   first) against the CRF refit on everything seen before each chunk (``crf_f1_drift``), an offline
+   full fine-tune on every train row (``f1_offline_full_ft``), ``ner_recovery_ratio`` and
+   ``forgetting_pts``; per chunk under ``ner_learning``. ``--skip-learning`` leaves those keys null,
+   ``--skip-throughput`` leaves the throughput keys null (part 1 is measured elsewhere too).
 
 Output: a table on stdout; with ``--json`` the last stdout line is one JSON object (keys are a contract).
 """
@@ -37,7 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tools.bench import common
+from tools.bench import common, ner_learning
 from tools.bench.common import log
 
 DEFAULT_BUNDLE = Path("build/bundle-minilm-ner")
@@ -46,8 +52,14 @@ REQUEST_TEXTS = 64
 HF_BATCH = 32
 ENGINE = "engine"
 PIPELINE = "hf_pipeline"
-LEARNING_KEYS = ("f1_drift_online", "f1_offline_full_ft", "ner_recovery_ratio", "forgetting_pts")
-LEARNING_NOTE = "not built: no token-classification learner yet"
+LEARNING_KEYS = ner_learning.LEARNING_KEYS
+LEARNING_NOTE = "skipped (--skip-learning)"
+THROUGHPUT_KEYS = (
+    "engine_texts_per_s",
+    "pipeline_texts_per_s",
+    "ner_speedup_vs_hf_pipeline",
+    "entities_found",
+)
 
 
 def entity_labels(path: Path = ENTITIES_FILE) -> list[str]:
@@ -232,6 +244,7 @@ def torch_peft_spans(bundle: Path, adapter: Path, texts: list[str]) -> list[list
     from peft import PeftModel
 
     from agent.bundle import load_manifest
+    from agent.entities import merge_windows
     from agent.entity_serving import SpanExtractor
     from agent.learner.model import load_base_model
 
@@ -250,7 +263,11 @@ def torch_peft_spans(bundle: Path, adapter: Path, texts: list[str]) -> list[list
                 for enc in encodings:
                     ids = torch.tensor([enc.ids])
                     logits.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].numpy())
-                out.append(span_tuples(extractor.decode(text, encodings, logits)))
+                # merge_windows is what SpanExtractor.decode runs, without its answer wrapper.
+                spans = merge_windows(
+                    text, list(zip(encodings, logits, strict=True)), extractor.scheme, extractor.strategy
+                )
+                out.append(span_tuples(spans))
     finally:
         torch.set_num_threads(threads)
     return out
@@ -292,7 +309,7 @@ def crf_drift(n: int = 4000, seed: int = 0, sites: int = 3) -> dict[str, Any]:
     fit_s = time.perf_counter() - t0
     pred = crf.predict(wo.text for wo in post)
     return {
-        "crf_f1_drift": entity_f1([wo.entities for wo in post], pred),
+        "crf_f1_drift_pre_only": entity_f1([wo.entities for wo in post], pred),
         "n_train": len(pre),
         "n_test": len(post),
         "fit_s": round(fit_s, 2),
@@ -300,6 +317,15 @@ def crf_drift(n: int = 4000, seed: int = 0, sites: int = 3) -> dict[str, Any]:
 
 
 # ---- the whole run ----------------------------------------------------------------------------------
+def _serving_precision(bundle: Path, adapter: Path, precision: str) -> tuple[str, int]:
+    """What the engine serves at ``precision`` and its intra-op threads, without the throughput runs."""
+    engine = _open_engine(bundle, adapter, precision)
+    try:
+        return engine.precision, int(engine.stats()["intra_op_threads"])
+    finally:
+        engine.close()
+
+
 def run(
     bundle: Path,
     texts: list[str],
@@ -310,55 +336,80 @@ def run(
     seed: int = 0,
     head_std: float = 2.0,
     settle_s: float = 0.06,
+    learning_n: int = 2000,
+    chunks: int = 4,
+    skip_learning: bool = False,
+    skip_throughput: bool = False,
+    offline_epochs: int = ner_learning.OFFLINE_EPOCHS,
 ) -> dict[str, Any]:
     """Every measurement on a token-classification ``bundle``; the JSON object."""
     t_start = time.perf_counter()
     machine = common.machine_info()
     work = Path(tempfile.mkdtemp(prefix="bench-ner-"))
+    tp: dict[str, Any] | None = None
     try:
         adapter = make_adapter(bundle, work / "adapter", seed=seed, head_std=head_std)
-        log(f"throughput: {len(texts)} texts, {repeats} interleaved rounds, precision {precision}")
-        tp = throughput(bundle, adapter, texts, precision, repeats, seed, settle_s)
-        log(
-            f"engine {tp['engine_texts_per_s']:.0f} texts/s ({tp['precision']}), pipeline "
-            f"{tp['pipeline_texts_per_s']:.0f} texts/s, {tp['entities_found']} entities"
-        )
+        if skip_throughput:
+            served, threads = _serving_precision(bundle, adapter, precision)
+            common.limit_threads(threads)
+        else:
+            log(f"throughput: {len(texts)} texts, {repeats} interleaved rounds, precision {precision}")
+            tp = throughput(bundle, adapter, texts, precision, repeats, seed, settle_s)
+            served, threads = tp["precision"], tp["threads"]
+            log(
+                f"engine {tp['engine_texts_per_s']:.0f} texts/s ({tp['precision']}), pipeline "
+                f"{tp['pipeline_texts_per_s']:.0f} texts/s, {tp['entities_found']} entities"
+            )
         agree_texts = texts[:agreement_texts]
         log(f"agreement on {len(agree_texts)} texts vs torch + peft fp32")
-        agree = agreement(bundle, adapter, agree_texts, tp["threads"])
+        agree = agreement(bundle, adapter, agree_texts, threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log(f"CRF baseline under drift ({crf_n} work orders)")
+    log(f"CRF baseline under drift, trained once ({crf_n} work orders)")
     crf = crf_drift(crf_n, seed)
+    learning: dict[str, Any] | None = None
+    if not skip_learning:
+        learning = ner_learning.run_learning(
+            bundle, learning_n, chunks, seed, threads, offline_epochs=offline_epochs
+        )
+    import torch
+
     machine.update(
         {
-            "threads": tp["threads"],
-            "torch_threads": tp["torch_threads"],
+            "threads": threads,
+            "torch_threads": torch.get_num_threads(),
             "loadavg_max_during_run": max(common.loadavg_seen(), default=None),
         }
     )
     result: dict[str, Any] = {
-        "texts": tp["texts"],
-        "engine_texts_per_s": tp["engine_texts_per_s"],
-        "pipeline_texts_per_s": tp["pipeline_texts_per_s"],
-        "ner_speedup_vs_hf_pipeline": tp["ner_speedup_vs_hf_pipeline"],
-        "precision": tp["precision"],
-        "entities_found": tp["entities_found"],
-        "span_f1_agreement_vs_torch_peft": agree.get(f"span_f1_agreement_{tp['precision']}"),
+        "texts": len(texts),
+        **{k: (tp[k] if tp else None) for k in THROUGHPUT_KEYS},
+        "precision": served,
+        "span_f1_agreement_vs_torch_peft": agree.get(f"span_f1_agreement_{served}"),
         "span_f1_agreement_fp32": agree["span_f1_agreement_fp32"],
         "span_f1_agreement_int8": agree["span_f1_agreement_int8"],
-        **dict.fromkeys(LEARNING_KEYS),
-        "crf_f1_drift": crf["crf_f1_drift"],
-        "learning": LEARNING_NOTE,
+        **{k: (learning[k] if learning else None) for k in LEARNING_KEYS},
+        "crf_f1_drift_pre_only": crf["crf_f1_drift_pre_only"],
+        "learning": LEARNING_NOTE if learning is None else _learning_note(learning),
         "throughput": tp,
         "agreement": agree,
         "crf": crf,
+        "ner_learning": learning,
+        "targets": learning["targets"] if learning else None,
         "repeats": repeats,
         "head_std": head_std,
         "machine": machine,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     return result
+
+
+def _learning_note(learning: dict[str, Any]) -> str:
+    sizes = learning["sizes"]
+    return (
+        f"measured: {len(sizes['chunks'])} drifted chunks of {sizes['chunks'][0]}, "
+        f"{learning['online']['promoted']} rounds promoted, {learning['seconds']:.0f}s"
+    )
 
 
 def report(result: dict[str, Any]) -> str:
@@ -371,10 +422,17 @@ def report(result: dict[str, Any]) -> str:
         ["span_f1_agreement_vs_torch_peft", common.fmt_num(result["span_f1_agreement_vs_torch_peft"], 4)],
         ["span_f1_agreement_fp32", common.fmt_num(result["span_f1_agreement_fp32"], 4)],
         ["span_f1_agreement_int8", common.fmt_num(result["span_f1_agreement_int8"], 4)],
-        ["crf_f1_drift", common.fmt_num(result["crf_f1_drift"], 4)],
+        ["crf_f1_drift_pre_only", common.fmt_num(result["crf_f1_drift_pre_only"], 4)],
+        *[[k, common.fmt_num(result[k], 4)] for k in LEARNING_KEYS],
         ["online learning", result["learning"]],
     ]
-    return common.format_table(["metric", "value"], rows, align="lr")
+    out = common.format_table(["metric", "value"], rows, align="lr")
+    learning = result.get("ner_learning")
+    if learning:
+        out += (
+            "\n\n" + ner_learning.chunk_table(learning) + "\n\n" + common.targets_table(learning["targets"])
+        )
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -389,6 +447,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--agreement-texts", type=int, default=500)
     p.add_argument("--crf-n", type=int, default=4000, help="work orders of the CRF drift baseline")
     p.add_argument("--head-std", type=float, default=2.0, help="the random adapter's head perturbation")
+    p.add_argument("--learning-n", type=int, default=2000, help="work orders of the online learning part")
+    p.add_argument("--chunks", type=int, default=4, help="drifted chunks of the online learning part")
+    p.add_argument(
+        "--offline-epochs",
+        type=int,
+        default=ner_learning.OFFLINE_EPOCHS,
+        help="of the offline full fine-tune",
+    )
+    p.add_argument("--skip-learning", action="store_true", help="leave the learning keys null")
+    p.add_argument("--skip-throughput", action="store_true", help="leave the throughput keys null")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     return p
@@ -409,13 +477,18 @@ def main(argv: list[str] | None = None) -> int:
         crf_n=args.crf_n,
         seed=args.seed,
         head_std=args.head_std,
+        learning_n=args.learning_n,
+        chunks=args.chunks,
+        skip_learning=args.skip_learning,
+        skip_throughput=args.skip_throughput,
+        offline_epochs=args.offline_epochs,
     )
     try:
         print(report(result), flush=True)
     finally:  # a report bug must not lose the figures
         if args.json:
             common.print_json_line(result)
-    if not result["entities_found"]:
+    if result["throughput"] is not None and not result["entities_found"]:
         log(
             f"the engine found no entities: the throughput excludes decoding; raise --head-std ({args.head_std})"
         )
