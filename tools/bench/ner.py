@@ -125,7 +125,11 @@ def _open_engine(bundle: Path, adapter: Path, precision: str, threads: int | Non
 
     # The engine's default batching; cache off so that every pass really runs every text.
     config = EngineConfig(precision=precision, provider="cpu", cache_size=0, intra_op_threads=threads)
-    return InferenceEngine.open(bundle, config, adapter_dir=adapter)
+    engine = InferenceEngine.open(bundle, config, adapter_dir=adapter)
+    # Measured as the box serves between promotions: on the merged session once it is built (or on
+    # the LoRA path where the merge's check refused it; `serving_path` says which).
+    engine.wait_merged(600)
+    return engine
 
 
 def _engine_spans(engine, texts: list[str]) -> list[tuple[Any, ...]]:
@@ -347,8 +351,18 @@ def run(
     machine = common.machine_info()
     work = Path(tempfile.mkdtemp(prefix="bench-ner-"))
     tp: dict[str, Any] | None = None
+    learning: dict[str, Any] | None = None
     try:
-        adapter = make_adapter(bundle, work / "adapter", seed=seed, head_std=head_std)
+        if not skip_learning:
+            # First, so that (a) and (b) measure the adapter the box ends up serving: a trained
+            # adapter's tags are confident where a random one's are near ties (INT8 flips those).
+            learning = ner_learning.run_learning(
+                bundle, learning_n, chunks, seed, offline_epochs=offline_epochs, keep_adapter=work / "trained"
+            )
+            adapter, adapter_kind = work / "trained", "trained online (part c's final adapter)"
+        else:
+            adapter = make_adapter(bundle, work / "adapter", seed=seed, head_std=head_std)
+            adapter_kind = f"random (head_std {head_std})"
         if skip_throughput:
             served, threads = _serving_precision(bundle, adapter, precision)
             common.limit_threads(threads)
@@ -367,11 +381,6 @@ def run(
         shutil.rmtree(work, ignore_errors=True)
     log(f"CRF baseline under drift, trained once ({crf_n} work orders)")
     crf = crf_drift(crf_n, seed)
-    learning: dict[str, Any] | None = None
-    if not skip_learning:
-        learning = ner_learning.run_learning(
-            bundle, learning_n, chunks, seed, threads, offline_epochs=offline_epochs
-        )
     import torch
 
     machine.update(
@@ -397,6 +406,7 @@ def run(
         "ner_learning": learning,
         "targets": learning["targets"] if learning else None,
         "repeats": repeats,
+        "adapter": adapter_kind,
         "head_std": head_std,
         "machine": machine,
         "seconds": round(time.perf_counter() - t_start, 1),

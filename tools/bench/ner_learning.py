@@ -565,8 +565,10 @@ def run_learning(
     threads: int = THREADS,
     precision: str = "fp32",
     offline_epochs: int = OFFLINE_EPOCHS,
+    keep_adapter: Path | None = None,
 ) -> dict[str, Any]:
-    """Part (c): the learning keys (``LEARNING_KEYS``) and what they come from."""
+    """Part (c): the learning keys (``LEARNING_KEYS``) and what they come from. ``keep_adapter``:
+    where to copy the final served adapter (the run's work directory is removed)."""
     import torch
 
     from tools.workorders import workorder_dataset
@@ -593,6 +595,8 @@ def run_learning(
             online = run_online(bundle, split, predictor, base_dir, work, seed, threads, precision)
             final = online.pop("final_adapter")
             online["final_adapter"] = final.name
+            if keep_adapter is not None:
+                shutil.copytree(final, keep_adapter)
             online["f1_post_test"] = f1_of(
                 split.post_test, predictor.spans(final, [r.text for r in split.post_test])
             )
