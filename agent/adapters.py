@@ -91,12 +91,15 @@ class OrtAdapter:
     meta: AdapterMeta
     arrays: dict[str, np.ndarray]
     # The fast learner saved beside the adapter (``agent.linear.LinearModel``), if any, and what the
-    # gate chose to serve from the directory: "transformer", "linear" or "combined".
+    # gate chose to serve from the directory: "transformer", "linear", "combined" or "crf".
     linear: Any = None
     serving: str = "transformer"
     # sha256 of the LoRA weights file, scale and labels: a unit whose fast learner alone changed (a linear refresh)
     # swaps in without a new merged session.
     weights_digest: str = ""
+    # A token-classification unit's fast entity learner (``agent.entity_crf.EntityCrf``); serves
+    # where ``serving`` is "crf".
+    crf: Any = None
 
     @property
     def version(self) -> str:
@@ -123,9 +126,19 @@ def read_adapter(adapter_dir: Path, bundle: BundleManifest) -> OrtAdapter:
 
     linear = read_linear(adapter_dir, labels)
     serving = read_serving(adapter_dir)
-    if serving != "transformer" and linear is None:
+    crf = None
+    if bundle.entities is not None:  # a token-classification bundle: its fast learner is a CRF
+        from agent.entity_crf import CrfError, read_crf
+
+        try:
+            crf = read_crf(adapter_dir, bundle.entities.labels)
+        except CrfError as e:
+            raise AdapterError(f"adapter {meta.version}: {e}") from None
+    if serving == "crf" and crf is None:
+        raise AdapterError(f"adapter {meta.version} is to serve the CRF but carries none")
+    if serving in ("linear", "combined") and linear is None:
         raise AdapterError(f"adapter {meta.version} is to serve {serving!r} but carries no linear model")
-    return OrtAdapter(meta, arrays, linear, serving, digest)
+    return OrtAdapter(meta, arrays, linear, serving, digest, crf)
 
 
 def peft_target_modules(targets: list[LoraTarget]) -> str:

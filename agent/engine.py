@@ -128,8 +128,9 @@ class _Active:
     model_file: Path | None = None  # where the merged model is on disk (lean copies load it)
     lean: ort.InferenceSession | None = None  # fewer threads, while a learner round runs
     linear: LinearModel | None = None  # the fast learner from the adapter's directory
-    model: str = "transformer"  # what answers: "transformer" | "linear" | "combined"
+    model: str = "transformer"  # what answers: "transformer" | "linear" | "combined" | "crf"
     weights_digest: str = ""  # the LoRA weights' (OrtAdapter.weights_digest)
+    crf: Any = None  # a token unit's fast entity learner (agent.entity_crf.EntityCrf)
 
     @property
     def runner(self) -> ort.InferenceSession:
@@ -552,6 +553,7 @@ class InferenceEngine:
             linear=adapter.linear,
             model=adapter.serving,
             weights_digest=adapter.weights_digest,
+            crf=adapter.crf,
         )
         old = self._swap(new)
         with self._jobs:
@@ -581,7 +583,11 @@ class InferenceEngine:
             ):
                 return False
             self._active = replace(
-                current, version=adapter.version, linear=adapter.linear, model=adapter.serving
+                current,
+                version=adapter.version,
+                linear=adapter.linear,
+                model=adapter.serving,
+                crf=adapter.crf,
             )
         if adapter.version == current.version:  # answers are cached per version
             self._cache.clear()
@@ -1102,6 +1108,13 @@ class InferenceEngine:
         if not misses:
             return out
         t0 = time.perf_counter()
+        if active.model == "crf" and active.crf is not None:
+            # The gate chose the unit's CRF for this box (agent.entity_crf): no transformer pass.
+            for text, spans in zip(misses, active.crf.predict(misses), strict=True):
+                out[text] = Entities(spans, version, "crf")
+            stage["run"] += time.perf_counter() - t0
+            self._cache_misses(cache, misses, version, out)
+            return out
         encodings = extractor.encode(misses)
         # Every window of every text is one row; rows are length-bucketed like classification's.
         rows = [(i, w) for i, wins in enumerate(encodings) for w in range(len(wins))]

@@ -25,15 +25,20 @@ DEFAULT_STRIDE_FRACTION = 0.25
 
 
 class Entities(tuple):
-    """One text's spans (a tuple of ``Span``, by start) and the adapter version that found them,
-    as a classifier's ``Prediction`` carries its own: an answer read across a hot swap names the
-    adapter that made it, not the one serving when it is published."""
+    """One text's spans (a tuple of ``Span``, by start), the adapter version that found them and
+    which of its models did ("transformer" or "crf"), as a classifier's ``Prediction`` carries
+    them: an answer read across a hot swap names the adapter that made it, not the one serving
+    when it is published."""
 
     adapter_version: str | None
+    model: str
 
-    def __new__(cls, spans: Iterable[Span], adapter_version: str | None) -> Entities:
+    def __new__(
+        cls, spans: Iterable[Span], adapter_version: str | None, model: str = "transformer"
+    ) -> Entities:
         entities = super().__new__(cls, spans)
         entities.adapter_version = adapter_version
+        entities.model = model
         return entities
 
 

@@ -35,7 +35,9 @@ LINEAR_WEIGHTS = "linear_model.safetensors"
 LINEAR_CONFIG = "linear_config.json"
 SERVING = "serving.json"
 FORMAT_VERSION = 1
-MODELS = ("transformer", "linear", "combined")
+# What an adapter unit can serve; "crf" is a token-classification bundle's fast entity learner
+# (agent.entity_crf), the others a classifier's.
+MODELS = ("transformer", "linear", "combined", "crf")
 MAX_LINEAR_BYTES = 64 << 20
 # A class the training data never showed: finite, and never the answer.
 _ABSENT_INTERCEPT = -30.0

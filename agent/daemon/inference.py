@@ -140,6 +140,8 @@ class InferenceHandler:
                         "id": req.id,
                         "entities": [[span.to_json() for span in spans] for spans in answers],
                         "adapter_version": answers[0].adapter_version if answers else None,
+                        # Which of the unit's models found them: "transformer" or "crf".
+                        "model": answers[0].model if answers else None,
                         "latency_ms": latency_ms,
                     }
                 else:
@@ -205,6 +207,7 @@ class InferenceHandler:
                     "id": pid,
                     "entities": [s.to_json() for s in spans],
                     "adapter_version": version,
+                    "model": spans.model,
                 }
                 topic = self.topics.entities
             else:

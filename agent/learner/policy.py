@@ -213,10 +213,12 @@ def serving_choice(models: Mapping[str, Mapping[str, EvalReport]], p: GatePolicy
     margin = math.sqrt(base.accuracy * (1.0 - base.accuracy) / max(1, base.count))
     reasons.append(f"{best} by default ({base.accuracy:.3f} on all, standard error {margin:.3f})")
     best_acc = base.accuracy
-    for name in ("transformer", "linear"):
+    # The fast learners (a classifier's linear model, a token bundle's CRF) must also pass the
+    # no-regression rules against the transformer to replace it.
+    for name in ("transformer", "linear", "crf"):
         if name == best or name not in models or "all" not in models[name]:
             continue
-        if name == "linear" and not passes("linear"):
+        if name != "transformer" and not passes(name):
             continue
         acc = models[name]["all"].accuracy
         if acc > best_acc + margin + 1e-12:

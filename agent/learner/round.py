@@ -400,11 +400,9 @@ def evaluate_adapter(
 def run_round(spec: RoundSpec) -> RoundResult:
     manifest = load_manifest(Path(spec.bundle_dir))
     metric = "entity_f1" if manifest.task == TOKEN_TASK else "accuracy"
-    if manifest.task == TOKEN_TASK:
-        # The fast learner classifies whole texts: a token-classification bundle has none.
-        if spec.linear_refresh:
-            return RoundResult("no_data", spec.version, message="an entity model has no fast learner")
-        spec = replace(spec, linear=False)
+    if manifest.task == TOKEN_TASK and spec.linear_refresh:
+        # A token bundle's fast learner (the CRF) is refit with each round, not between rounds.
+        return RoundResult("no_data", spec.version, message="an entity unit's CRF is refit with its round")
     result = _run_round(spec, manifest.labels, manifest.task)
     result.metric = metric
     return result
@@ -419,11 +417,7 @@ def _run_round(spec: RoundSpec, labels: list[str], task: str) -> RoundResult:
         result = RoundResult("trained", spec.version, max_sample_id=0)
         # The fleet's adapter is judged with the box's own fast learner beside it, refit here: the
         # box keeps serving linear or combined where that is better, whatever the fleet sends.
-        linear = None
-        if spec.linear:
-            linear, result.linear = fit_linear_from_db(
-                spec.db_path, labels, spec.linear_max_samples, None, spec.linear_n_features
-            )
+        linear = _fit_fast_learner(spec, labels, task, result)
         _evaluate(spec, labels, result, linear)
         return result
     texts: list[str]
@@ -493,16 +487,50 @@ def _run_round(spec: RoundSpec, labels: list[str], task: str) -> RoundResult:
         tr.seconds,
         _peak_rss_mb(),
     )
-    linear = None
-    if spec.linear:
-        # Every train sample, the round's validation rows too: the combination weight is fitted
-        # on the holdout (model_reports), not on them.
-        linear, result.linear = fit_linear_from_db(
-            spec.db_path, labels, spec.linear_max_samples, None, spec.linear_n_features
-        )
+    # Every train sample, the round's validation rows too: the combination weight is fitted on
+    # the holdout (model_reports), not on them.
+    linear = _fit_fast_learner(spec, labels, task, result)
     _evaluate(spec, labels, result, linear)
     result.status, result.steps, result.seconds = "trained", tr.steps, tr.seconds
     return result
+
+
+def _fit_fast_learner(spec: RoundSpec, labels: list[str], task: str, result: RoundResult) -> Any:
+    """The unit's fast learner refit from SQLite, when ``spec.linear``: the linear model of a
+    classifier, or a token bundle's CRF (``agent.entity_crf``); None when off or not fittable."""
+    if not spec.linear:
+        return None
+    if task == TOKEN_TASK:
+        crf, result.linear = fit_crf_from_db(spec.db_path, spec.bundle_dir, spec.linear_max_samples)
+        return crf
+    linear, result.linear = fit_linear_from_db(
+        spec.db_path, labels, spec.linear_max_samples, None, spec.linear_n_features
+    )
+    return linear
+
+
+def fit_crf_from_db(db_path: str, bundle_dir: str, limit: int) -> tuple[Any, dict[str, Any]]:
+    """The CRF refit on the newest ``limit`` train-split span samples (seconds); None (and why)
+    without any."""
+    from agent.entity_crf import fit_crf
+
+    manifest = load_manifest(Path(bundle_dir))
+    assert manifest.entities is not None
+    rows = [(i, t, _spans(e)) for i, t, e in _newest_samples(db_path, "train", limit, "entities")]
+    max_id = max((i for i, _, _ in rows), default=0)
+    t0 = time.perf_counter()
+    try:
+        crf = fit_crf([t for _, t, _ in rows], [s for _, _, s in rows], manifest.entities.labels)
+    except ValueError as e:
+        return None, {"skipped": str(e), "samples": len(rows), "max_sample_id": max_id, "model": "crf"}
+    seconds = time.perf_counter() - t0
+    log.info("CRF fit on %d span samples in %.2fs", len(rows), seconds)
+    return crf, {
+        "samples": len(rows),
+        "fit_seconds": round(seconds, 3),
+        "max_sample_id": max_id,
+        "model": "crf",
+    }
 
 
 def run_linear_refresh(spec: RoundSpec, labels: list[str]) -> RoundResult:
@@ -572,18 +600,45 @@ def _keep_linear(
     result.candidate = result.candidate_models["transformer"]
 
 
+def _keep_crf(
+    result: RoundResult, spec: RoundSpec, crf: Any, slices: dict[str, list[tuple[str, Any]]]
+) -> None:
+    """A token candidate's transformer and CRF scored on the holdout slices (entity F1), the CRF
+    saved in its directory; ``candidate`` the transformer's until the gate chooses."""
+    from agent.entity_crf import save_crf
+
+    transformer = evaluate_adapter(spec.bundle_dir, spec.out_dir, spec.precision, slices)
+    texts = list(dict.fromkeys(t for rows in slices.values() for t, _ in rows))
+    spans_of = dict(zip(texts, crf.predict_tuples(texts), strict=True))
+    crf_reports = {
+        name: evaluate_spans([spans_of[t] for t, _ in rows], [gold for _, gold in rows])
+        for name, rows in slices.items()
+        if rows
+    }
+    models = {"transformer": transformer, "crf": crf_reports}
+    crf.config.version = spec.version
+    crf.config.metrics = {m: {k: r.accuracy for k, r in reports.items()} for m, reports in models.items()}
+    save_crf(Path(spec.out_dir), crf)
+    result.candidate_models = {m: {k: asdict(v) for k, v in r.items()} for m, r in models.items()}
+    result.candidate = result.candidate_models["transformer"]
+
+
 def _evaluate(
     spec: RoundSpec,
     labels: list[str],
     result: RoundResult,
-    linear: LinearModel | None = None,
+    fast: Any = None,
 ) -> None:
     """Candidate (in ``out_dir``) and active adapter on the holdout slices the gate compares.
-    With a linear model: the candidate's three models, and the linear model saved beside it."""
+    With a fast learner (``_fit_fast_learner``): the candidate's models (a classifier's three, a
+    token unit's transformer and CRF), and the fast learner saved beside the adapter."""
     task = load_manifest(Path(spec.bundle_dir)).task
     older, recent = read_holdout(spec.db_path, labels, spec.since_sample_id, task=task)
     slices = {"older": older, "recent": recent, "all": older + recent}
-    if linear is not None:
+    if fast is not None and task == TOKEN_TASK:
+        _keep_crf(result, spec, fast, slices)
+    elif fast is not None:
+        linear: LinearModel = fast
         models, weight = evaluate_models(spec.bundle_dir, spec.out_dir, spec.precision, slices, linear)
         _keep_linear(result, Path(spec.out_dir), linear, spec.version, models, weight)
     else:

@@ -115,3 +115,64 @@ def test_span_report_follows_seqeval():
     assert report.accuracy == pytest.approx(1 / 3) and report.count == 2
     assert report.per_class == {"ASSET": pytest.approx(2 / 3), "PART": 0.0}
     assert report.per_class_count == {"ASSET": 2, "PART": 1}
+
+
+def test_a_round_from_sqlite_scores_the_transformer_and_the_crf_and_the_engine_serves_the_choice(
+    token_bundle, tmp_path
+):
+    """The learner's own path: span samples from a real SQLite file (as the daemon stores them), a
+    round in-process, the unit's CRF refit and scored beside the transformer; the engine serves the
+    model the gate writes into ``serving.json``."""
+    from agent.engine import EngineConfig, InferenceEngine
+    from agent.learner.policy import serving_choice
+    from agent.learner.round import RoundSpec, report_from_dict, run_round
+    from agent.linear import write_serving
+    from agent.messages import canonical_spans
+    from agent.store import ENTITY_SAMPLE_LABEL, NewSample, Store
+
+    db = tmp_path / "db.sqlite"
+    orders = workorder_dataset(400, seed=0)
+    store = Store(db).open()
+    store.write(
+        [
+            NewSample(f"id:s{i}", wo.text, ENTITY_SAMPLE_LABEL, entities=canonical_spans(wo.entities))
+            for i, wo in enumerate(orders)
+        ],
+        holdout_fraction=0.2,
+    )
+    store.close()
+    out = tmp_path / "cand"
+    result = run_round(
+        RoundSpec(
+            db_path=str(db),
+            bundle_dir=str(token_bundle),
+            out_dir=str(out),
+            result_path=str(tmp_path / "result.json"),
+            version="v1",
+            epochs=2,
+            lr=1e-2,
+        )
+    )
+    assert result.status == "trained" and result.metric == "entity_f1", result.message
+    assert result.linear["model"] == "crf" and result.linear["samples"] == 320
+    assert set(result.candidate_models) == {"transformer", "crf"}
+    assert result.candidate == result.candidate_models["transformer"]
+    reports = {m: {k: report_from_dict(v) for k, v in r.items()} for m, r in result.candidate_models.items()}
+    # The CRF on hand-made features learns these work orders better than a tiny random BERT does.
+    assert reports["crf"]["all"].accuracy > reports["transformer"]["all"].accuracy + 0.2
+    assert reports["crf"]["all"].count == 80
+    choice = serving_choice(reports, GatePolicy())
+    assert choice.model == "crf", choice.reasons
+    write_serving(out, choice.model, choice.reasons)
+
+    texts = [wo.text for wo in orders[:20]]
+    config = EngineConfig(precision="fp32", provider="cpu", cache_size=0)
+    with InferenceEngine.open(token_bundle, config, adapter_dir=out) as engine:
+        assert engine.serving_model == "crf"
+        served = engine.predict(texts)
+    from agent.entity_crf import read_crf
+
+    crf = read_crf(out, ENTITY_LABELS)
+    assert crf is not None and crf.config.version == "v1"
+    assert [list(a) for a in served] == [list(s) for s in crf.predict(texts)]
+    assert {(a.model, a.adapter_version) for a in served} == {("crf", "v1")}

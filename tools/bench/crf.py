@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from agent.entity_crf import bio_to_spans, sentence_features, spans_to_bio, tokenize, word_features
 
 __all__ = ["CrfBaseline", "tokenize", "spans_to_bio", "bio_to_spans", "word_features", "main"]
 
@@ -32,92 +33,9 @@ log = logging.getLogger(__name__)
 
 Span = tuple[int, int, str]
 
-# A word is a run of letters/digits that may continue across ' - . (and a comma between digits):
-# "P-101", "6205-2RS", "chk'd", "2.5", "2,5" stay one token; any other character is a token alone.
-_TOKEN_RE = re.compile(r"[^\W_]+(?:(?:[-'’.]|(?<=\d),(?=\d))[^\W_]+)*|\S")
-
-
-def tokenize(text: str) -> list[tuple[int, int]]:
-    """`(start, end)` character offsets of the words of `text`."""
-    return [m.span() for m in _TOKEN_RE.finditer(text)]
-
-
-def spans_to_bio(tokens: Sequence[tuple[int, int]], spans: Iterable[Span]) -> list[str]:
-    """BIO tags for `tokens`: a token is inside a span when it overlaps it (first token B-, rest I-)."""
-    tags = ["O"] * len(tokens)
-    for start, end, label in sorted(spans):
-        inside = [i for i, (s, e) in enumerate(tokens) if s < end and e > start]
-        for k, i in enumerate(inside):
-            tags[i] = ("B-" if k == 0 else "I-") + label
-    return tags
-
-
-def bio_to_spans(tokens: Sequence[tuple[int, int]], tags: Sequence[str]) -> list[Span]:
-    """Character spans from BIO tags; an I- tag that does not continue its label starts a span."""
-    spans: list[Span] = []
-    current: list[Any] | None = None  # [start, end, label]
-    for (start, end), tag in zip(tokens, tags, strict=True):
-        prefix, _, label = tag.partition("-")
-        if prefix == "I" and current is not None and current[2] == label:
-            current[1] = end
-            continue
-        if current is not None:
-            spans.append((current[0], current[1], current[2]))
-            current = None
-        if prefix in ("B", "I") and label:
-            current = [start, end, label]
-    if current is not None:
-        spans.append((current[0], current[1], current[2]))
-    return spans
-
-
-def _shape(word: str) -> str:
-    shape = re.sub(r"[A-Z]", "X", word)
-    shape = re.sub(r"[a-z]", "x", shape)
-    shape = re.sub(r"\d", "d", shape)
-    return re.sub(r"(.)\1+", r"\1\1", shape)  # "XXXX-dddd" -> "XX-dd": the family, not the length
-
-
-def _word(word: str, prefix: str) -> dict[str, Any]:
-    return {
-        f"{prefix}lower": word.lower(),
-        f"{prefix}isupper": word.isupper(),
-        f"{prefix}istitle": word.istitle(),
-        f"{prefix}shape": _shape(word),
-    }
-
-
-def word_features(words: Sequence[str], i: int) -> dict[str, Any]:
-    """The CRF's features of the i-th word of a sentence."""
-    word = words[i]
-    features: dict[str, Any] = {
-        "bias": 1.0,
-        "lower": word.lower(),
-        "suffix3": word[-3:].lower(),
-        "suffix2": word[-2:].lower(),
-        "prefix3": word[:3].lower(),
-        "isupper": word.isupper(),
-        "istitle": word.istitle(),
-        "isdigit": word.isdigit(),
-        "hasdigit": any(c.isdigit() for c in word),
-        "hashyphen": "-" in word,
-        "shape": _shape(word),
-        "length": min(len(word), 8),
-    }
-    for offset in (-2, -1, 1, 2):
-        j = i + offset
-        if 0 <= j < len(words):
-            features.update(_word(words[j], f"{offset:+d}:"))
-            if abs(offset) == 1:
-                features[f"{offset:+d}:suffix3"] = words[j][-3:].lower()
-        else:
-            features[f"{offset:+d}:edge"] = True  # BOS/EOS
-    return features
-
-
-def _sentence_features(text: str, tokens: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
-    words = [text[s:e] for s, e in tokens]
-    return [word_features(words, i) for i in range(len(words))]
+# The words, their offsets and features are the product's own fast entity learner's
+# (agent.entity_crf): the baseline is the same CRF as a practitioner would fit it, sklearn-crfsuite.
+_sentence_features = sentence_features
 
 
 class CrfBaseline:

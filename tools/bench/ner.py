@@ -343,6 +343,7 @@ def run(
     learning_n: int = 2000,
     chunks: int = 4,
     skip_learning: bool = False,
+    fast_learner: bool = True,
     skip_throughput: bool = False,
     offline_epochs: int = ner_learning.OFFLINE_EPOCHS,
 ) -> dict[str, Any]:
@@ -357,7 +358,13 @@ def run(
             # First, so that (a) and (b) measure the adapter the box ends up serving: a trained
             # adapter's tags are confident where a random one's are near ties (INT8 flips those).
             learning = ner_learning.run_learning(
-                bundle, learning_n, chunks, seed, offline_epochs=offline_epochs, keep_adapter=work / "trained"
+                bundle,
+                learning_n,
+                chunks,
+                seed,
+                offline_epochs=offline_epochs,
+                keep_adapter=work / "trained",
+                fast_learner=fast_learner,
             )
             adapter, adapter_kind = work / "trained", "trained online (part c's final adapter)"
         else:
@@ -466,6 +473,11 @@ def _parser() -> argparse.ArgumentParser:
         help="of the offline full fine-tune",
     )
     p.add_argument("--skip-learning", action="store_true", help="leave the learning keys null")
+    p.add_argument(
+        "--no-fast-learner",
+        action="store_true",
+        help="part (c) without the unit's CRF (learning.fast_learner off): the transformer alone serves",
+    )
     p.add_argument("--skip-throughput", action="store_true", help="leave the throughput keys null")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
@@ -490,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         learning_n=args.learning_n,
         chunks=args.chunks,
         skip_learning=args.skip_learning,
+        fast_learner=not args.no_fast_learner,
         skip_throughput=args.skip_throughput,
         offline_epochs=args.offline_epochs,
     )

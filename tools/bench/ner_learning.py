@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.entity_crf import CRF_CONFIG, CRF_MODEL
+from agent.linear import SERVING
 from tools.bench import common
 from tools.bench.common import log
 from tools.bench.learning import HoldoutSplitter, points
@@ -254,6 +256,38 @@ class SpanPredictor:
 
 
 # ---- the learner ----------------------------------------------------------------------------------
+def choose_serving(
+    bundle: Path,
+    cand: Path,
+    fast_rows: Sequence[SpanRow],
+    slices: dict[str, list[tuple[str, Any]]],
+    precision: str,
+) -> tuple[str, dict[str, Any], list[str]]:
+    """What the product's round and gate do with a trained candidate: its CRF refit on the train
+    rows so far (``fast_rows``, as ``round.fit_crf_from_db`` takes SQLite's), the transformer and
+    the CRF scored on the holdout slices (``round._keep_crf``), the gate's choice written into
+    ``serving.json``. Returns the choice, its reports, and why."""
+    from agent.entity_crf import fit_crf
+    from agent.learner.policy import GatePolicy, serving_choice
+    from agent.learner.round import RoundResult, RoundSpec, _keep_crf, report_from_dict
+    from agent.linear import write_serving
+
+    crf = fit_crf([r.text for r in fast_rows], [list(r.spans) for r in fast_rows], entity_labels())
+    spec = RoundSpec("", str(bundle), str(cand), "", cand.name, precision=precision)
+    result = RoundResult("trained", cand.name)
+    _keep_crf(result, spec, crf, {**slices, "all": slices["older"] + slices["recent"]})
+    models = {m: {k: report_from_dict(v) for k, v in r.items()} for m, r in result.candidate_models.items()}
+    choice = serving_choice(models, GatePolicy())
+    write_serving(cand, choice.model, choice.reasons)
+    return choice.model, models[choice.model], choice.reasons
+
+
+def entity_labels() -> list[str]:
+    from tools.workorders import ENTITY_LABELS
+
+    return list(ENTITY_LABELS)
+
+
 def learner_settings():
     """The daemon's learning defaults (``agent.config``), the ones a box runs with."""
     from agent.config import LearningSettings
@@ -288,7 +322,13 @@ def _train_record(res: Any) -> dict[str, Any]:
 
 
 def train_base(
-    bundle: Path, split: NerSplit, work: Path, seed: int, threads: int
+    bundle: Path,
+    split: NerSplit,
+    work: Path,
+    seed: int,
+    threads: int,
+    fast_learner: bool = True,
+    precision: str = "fp32",
 ) -> tuple[Path, dict[str, Any]]:
     """The daemon's first round: no parent, every pre-drift train row, shuffled, 10 % for early stopping."""
     from agent.learner.train import train_adapter
@@ -301,7 +341,18 @@ def train_base(
         bundle, tr_texts, tr_spans, out, "bench-ner-base", train_config(seed, threads, BASE_BUDGET_S), val=val
     )
     log(f"base adapter: {res.steps} steps, {res.epochs_run} epochs in {res.seconds:.0f}s ({res.stopped})")
-    return out, {"texts": len(tr_texts), **_train_record(res)}
+    info: dict[str, Any] = {"texts": len(tr_texts), **_train_record(res)}
+    if fast_learner:
+        older, recent = holdout_slices(split.pre_holdout, [])
+        slices = {
+            "older": [(r.text, list(r.spans)) for r in older],
+            "recent": [(r.text, list(r.spans)) for r in recent],
+        }
+        info["serving"], _, info["serving_reasons"] = choose_serving(
+            bundle, out, split.pre_train, slices, precision
+        )
+        log(f"base unit serves its {info['serving']}")
+    return out, info
 
 
 def run_online(
@@ -313,8 +364,11 @@ def run_online(
     seed: int,
     threads: int,
     precision: str = "fp32",
+    fast_learner: bool = True,
 ) -> dict[str, Any]:
-    """Prequential online learning over the chunks: predict with what serves, then a gated round."""
+    """Prequential online learning over the chunks: predict with what serves, then a gated round.
+    ``fast_learner``: each round also refits the unit's CRF and the gate chooses what serves, as
+    the product does (``learning.fast_learner``); off, the transformer alone serves."""
     from agent.learner.policy import GatePolicy, promotion_decision
     from agent.learner.round import evaluate_adapter
     from agent.learner.train import train_adapter
@@ -359,7 +413,15 @@ def run_online(
             "older": [(r.text, list(r.spans)) for r in older],
             "recent": [(r.text, list(r.spans)) for r in recent],
         }
-        cand_rep = evaluate_adapter(str(bundle), str(cand), precision, slices)
+        serving, serving_reasons = "transformer", []
+        if fast_learner:
+            # The CRF is refit on every train row so far, as the product's round refits it from SQLite.
+            serving, chosen, serving_reasons = choose_serving(
+                bundle, cand, older_train + new, slices, precision
+            )
+            cand_rep = {k: v for k, v in chosen.items() if k in slices}
+        else:
+            cand_rep = evaluate_adapter(str(bundle), str(cand), precision, slices)
         act_rep = evaluate_adapter(str(bundle), str(active), precision, slices)
         decision = promotion_decision(cand_rep, act_rep, gate)
         round_s = time.perf_counter() - t0
@@ -380,6 +442,8 @@ def run_online(
                 "holdout_rows": {"older": len(older), "recent": len(recent)},
                 "promoted": decision.promote,
                 "reasons": decision.reasons,
+                "serving": serving,
+                "serving_reasons": serving_reasons,
             }
         )
         log(
@@ -387,6 +451,7 @@ def run_online(
             f"{res.seconds:.0f}s ({res.stopped}); candidate older/recent {cand_rep['older'].accuracy:.3f}/"
             f"{cand_rep['recent'].accuracy:.3f} vs {act_rep['older'].accuracy:.3f}/{act_rep['recent'].accuracy:.3f}"
             f" -> {'promoted' if decision.promote else 'refused: ' + '; '.join(decision.reasons)[:160]}"
+            f", serves its {serving}"
         )
         if decision.promote:
             active = cand
@@ -566,6 +631,7 @@ def run_learning(
     precision: str = "fp32",
     offline_epochs: int = OFFLINE_EPOCHS,
     keep_adapter: Path | None = None,
+    fast_learner: bool = True,
 ) -> dict[str, Any]:
     """Part (c): the learning keys (``LEARNING_KEYS``) and what they come from. ``keep_adapter``:
     where to copy the final served adapter (the run's work directory is removed)."""
@@ -583,7 +649,7 @@ def run_learning(
     torch_threads = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="bench-ner-learning-"))
     try:
-        base_dir, base = train_base(bundle, split, work, seed, threads)
+        base_dir, base = train_base(bundle, split, work, seed, threads, fast_learner, precision)
         predictor = SpanPredictor(bundle, base_dir, precision, threads)
         try:
             base["f1_pre_test"] = f1_of(
@@ -592,11 +658,17 @@ def run_learning(
             base["f1_post_test"] = f1_of(
                 split.post_test, predictor.spans(base_dir, [r.text for r in split.post_test])
             )
-            online = run_online(bundle, split, predictor, base_dir, work, seed, threads, precision)
+            online = run_online(
+                bundle, split, predictor, base_dir, work, seed, threads, precision, fast_learner
+            )
             final = online.pop("final_adapter")
             online["final_adapter"] = final.name
             if keep_adapter is not None:
+                # Parts (a) and (b) compare the transformer with torch: the copy drops the unit's
+                # CRF and the gate's choice, so the engine serves its transformer.
                 shutil.copytree(final, keep_adapter)
+                for name in (SERVING, CRF_MODEL, CRF_CONFIG):
+                    (keep_adapter / name).unlink(missing_ok=True)
             online["f1_post_test"] = f1_of(
                 split.post_test, predictor.spans(final, [r.text for r in split.post_test])
             )
@@ -628,6 +700,8 @@ def run_learning(
         "n": n,
         "seed": seed,
         "precision": precision,
+        "fast_learner": fast_learner,
+        "served_per_chunk": [r["serving"] for r in online["rounds"]],
         "settings": {
             "lr": s.learning_rate,
             "epochs": s.epochs,
