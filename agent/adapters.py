@@ -134,9 +134,11 @@ def read_adapter(adapter_dir: Path, bundle: BundleManifest) -> OrtAdapter:
             crf = read_crf(adapter_dir, bundle.entities.labels)
         except CrfError as e:
             raise AdapterError(f"adapter {meta.version}: {e}") from None
-    if serving == "crf" and crf is None:
-        raise AdapterError(f"adapter {meta.version} is to serve the CRF but carries none")
-    if serving in ("linear", "combined") and linear is None:
+    # What serves must be there: a token unit's CRF (alone or combined), a classifier's linear model.
+    needs_crf = serving == "crf" or (serving == "combined" and bundle.entities is not None)
+    if needs_crf and crf is None:
+        raise AdapterError(f"adapter {meta.version} is to serve {serving!r} but carries no CRF")
+    if not needs_crf and serving in ("linear", "combined") and linear is None:
         raise AdapterError(f"adapter {meta.version} is to serve {serving!r} but carries no linear model")
     return OrtAdapter(meta, arrays, linear, serving, digest, crf)
 

@@ -1140,8 +1140,12 @@ class InferenceEngine:
             self._counters["runs"] += 1
             self._counters["padded_tokens"] += batch_ids.size
         td = time.perf_counter()
+        combined = active.model == "combined" and active.crf is not None
         for i, text in enumerate(misses):
-            out[text] = extractor.decode(text, encodings[i], logits[i], version)  # type: ignore[arg-type]
+            if combined:  # the transformer's tag probabilities with the unit's CRF (agent.entity_crf)
+                out[text] = extractor.decode_combined(text, encodings[i], logits[i], active.crf, version)  # type: ignore[arg-type]
+            else:
+                out[text] = extractor.decode(text, encodings[i], logits[i], version)  # type: ignore[arg-type]
         stage["post"] += time.perf_counter() - td
         self._counters["real_tokens"] += sum(lengths)
         self._cache_misses(cache, misses, version, out)

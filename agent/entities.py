@@ -341,6 +341,19 @@ def merge_windows(
     on its nearer side; the earlier window on ties), so words and entities that a window edge cuts
     decode whole and offsets stay exact.
     """
+    return _decode_tokens(text, _merged_tokens(encoded, scheme), scheme, strategy)
+
+
+def token_probabilities(
+    encoded: Sequence[tuple[Encoding, Any]], scheme: TagScheme
+) -> tuple[list[tuple[int, int]], list[int], np.ndarray]:
+    """A text's content tokens from its windows, merged as ``merge_windows`` merges them: character
+    offsets, word ids, and tag probabilities [tokens, tags] (for combining with another model)."""
+    tokens = _merged_tokens(encoded, scheme)
+    return tokens.offsets, tokens.word_ids, _softmax(tokens.logits)
+
+
+def _merged_tokens(encoded: Sequence[tuple[Encoding, Any]], scheme: TagScheme) -> _Tokens:
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
     word_ids: list[int] = []
@@ -372,7 +385,7 @@ def merge_windows(
                 rows[position], contexts[position] = row, context
         previous = keys
     logits = np.stack(rows) if rows else np.zeros((0, len(scheme.tags)))
-    return _decode_tokens(text, _Tokens(ids, offsets, word_ids, logits), scheme, strategy)
+    return _Tokens(ids, offsets, word_ids, logits)
 
 
 def _ratio(numerator: int, denominator: int) -> float:

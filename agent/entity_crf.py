@@ -29,10 +29,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.entities import Span
+import numpy as np
+
+from agent.entities import Span, TagScheme
 
 CRF_MODEL = "crf_model.crfsuite"
 CRF_CONFIG = "crf_config.json"
+# The combination's weight on the transformer (0: the CRF alone, 1: the transformer alone): a
+# geometric mean, fixed, so the holdout that judges it did not also choose it.
+COMBINE_WEIGHT = 0.5
+_FLOOR = 1e-6  # a probability no tag falls below: log(0) would veto a tag one model never saw
 
 SpanTuple = tuple[int, int, str]
 
@@ -181,6 +187,53 @@ class EntityCrf:
 
     def predict_tuples(self, texts: Iterable[str]) -> list[list[SpanTuple]]:
         return [[(s.start, s.end, s.label) for s in spans] for spans in self.predict(texts)]
+
+    def combine(
+        self,
+        text: str,
+        token_offsets: Sequence[tuple[int, int]],
+        token_probs: np.ndarray,
+        scheme: TagScheme,
+        weight: float = COMBINE_WEIGHT,
+    ) -> tuple[Span, ...]:
+        """The spans of the CRF and the transformer together: per CRF word, the weighted geometric
+        mean of the CRF's tag marginals and the transformer's tag probabilities of the word's first
+        token (BILOU folded into BIO: U- is a B-, L- an I-), renormalised; the best tag per word,
+        then spans as the CRF's own. ``token_offsets``/``token_probs``: the transformer's content
+        tokens (``agent.entities.token_probabilities``)."""
+        tokens = tokenize(text)
+        if not tokens:
+            return ()
+        bio = ["O", *(f"{p}-{label}" for label in scheme.labels for p in ("B", "I"))]
+        index = {tag: i for i, tag in enumerate(bio)}
+        self._tagger.set(sentence_features(text, tokens))
+        known = set(self._tagger.labels())
+        crf = np.full((len(tokens), len(bio)), _FLOOR)
+        for tag in known & set(bio):
+            col = index[tag]
+            for i in range(len(tokens)):
+                crf[i, col] = max(self._tagger.marginal(tag, i), _FLOOR)
+        fold = np.zeros((len(scheme.tags), len(bio)))
+        for t, tag in enumerate(scheme.tags):
+            prefix, label = scheme.parse(tag)
+            fold[t, index["O" if prefix == "O" else f"{'B' if prefix in ('B', 'U') else 'I'}-{label}"]] = 1.0
+        model = np.full((len(tokens), len(bio)), 1.0 / len(bio))
+        starts = [start for start, _ in token_offsets]
+        k = 0
+        for i, (start, end) in enumerate(tokens):
+            while k < len(starts) and token_offsets[k][1] <= start:
+                k += 1
+            if k < len(starts) and starts[k] < end:  # the word's first token
+                model[i] = np.maximum(token_probs[k] @ fold, _FLOOR)
+        log_p = (1.0 - weight) * np.log(crf) + weight * np.log(model)
+        probs = np.exp(log_p - log_p.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        best = probs.argmax(axis=1)
+        tags = [bio[b] for b in best]
+        return tuple(
+            Span(label, start, end, text[start:end], float(np.mean([probs[i, best[i]] for i in idx])))
+            for start, end, label, idx in _bio_groups(tokens, tags)
+        )
 
 
 def fit_crf(

@@ -11,13 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from agent.bundle import TOKENIZER_JSON, BundleManifest
-from agent.entities import STRATEGIES, Span, Strategy, TagScheme, check_window_stride, merge_windows
+from agent.entities import (
+    STRATEGIES,
+    Span,
+    Strategy,
+    TagScheme,
+    check_window_stride,
+    merge_windows,
+    token_probabilities,
+)
 
 # Tokens shared by neighbouring windows of a long text: each token is then decoded from a window
 # where it has at least this much context on its nearer side.
@@ -82,3 +90,16 @@ class SpanExtractor:
             merge_windows(text, list(zip(encodings, logits, strict=True)), self.scheme, self.strategy),
             adapter_version,
         )
+
+    def decode_combined(
+        self,
+        text: str,
+        encodings: list[Encoding],
+        logits: list[np.ndarray],
+        crf: Any,
+        adapter_version: str | None = None,
+    ) -> Entities:
+        """One text's spans from the transformer's windows and the unit's CRF together
+        (``agent.entity_crf.EntityCrf.combine``)."""
+        offsets, _, probs = token_probabilities(list(zip(encodings, logits, strict=True)), self.scheme)
+        return Entities(crf.combine(text, offsets, probs, self.scheme), adapter_version, "combined")

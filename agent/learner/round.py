@@ -603,10 +603,13 @@ def _keep_linear(
 def _keep_crf(
     result: RoundResult, spec: RoundSpec, crf: Any, slices: dict[str, list[tuple[str, Any]]]
 ) -> None:
-    """A token candidate's transformer and CRF scored on the holdout slices (entity F1), the CRF
-    saved in its directory; ``candidate`` the transformer's until the gate chooses."""
+    """A token candidate's transformer, CRF and their combination scored on the holdout slices
+    (entity F1), the CRF saved in its directory; ``candidate`` the transformer's until the gate
+    chooses."""
     from agent.entity_crf import save_crf
+    from agent.linear import SERVING, write_serving
 
+    out = Path(spec.out_dir)
     transformer = evaluate_adapter(spec.bundle_dir, spec.out_dir, spec.precision, slices)
     texts = list(dict.fromkeys(t for rows in slices.values() for t, _ in rows))
     spans_of = dict(zip(texts, crf.predict_tuples(texts), strict=True))
@@ -615,10 +618,18 @@ def _keep_crf(
         for name, rows in slices.items()
         if rows
     }
-    models = {"transformer": transformer, "crf": crf_reports}
     crf.config.version = spec.version
+    save_crf(out, crf)
+    # The combination as the engine serves it (agent.entity_crf.EntityCrf.combine): the candidate
+    # opened with serving.json saying so; the gate writes its own choice afterwards.
+    write_serving(out, "combined", ["scoring the combination"])
+    try:
+        combined = evaluate_adapter(spec.bundle_dir, spec.out_dir, spec.precision, slices)
+    finally:
+        (out / SERVING).unlink(missing_ok=True)
+    models = {"transformer": transformer, "crf": crf_reports, "combined": combined}
     crf.config.metrics = {m: {k: r.accuracy for k, r in reports.items()} for m, reports in models.items()}
-    save_crf(Path(spec.out_dir), crf)
+    save_crf(out, crf)
     result.candidate_models = {m: {k: asdict(v) for k, v in r.items()} for m, r in models.items()}
     result.candidate = result.candidate_models["transformer"]
 

@@ -63,3 +63,31 @@ def test_a_config_with_foreign_labels_or_bad_json_is_refused(crf, tmp_path):
     (tmp_path / CRF_CONFIG).unlink()
     with pytest.raises(CrfError, match="not readable"):
         read_crf(tmp_path, ENTITY_LABELS)
+
+
+def test_the_combination_follows_each_model_at_its_end_of_the_weight(crf):
+    import numpy as np
+
+    from agent.entities import TagScheme
+    from agent.entity_crf import tokenize
+
+    scheme = TagScheme(ENTITY_LABELS, "BILOU")
+    texts = [wo.text for wo in TEST[:40]]
+    same = 0
+    for text, want in zip(texts, crf.predict_tuples(texts), strict=True):
+        offsets = tokenize(text)  # a "transformer" token per CRF word, sure that nothing is an entity
+        nothing = np.zeros((len(offsets), len(scheme.tags)))
+        nothing[:, 0] = 1.0
+        assert crf.combine(text, offsets, nothing, scheme, weight=1.0) == ()
+        got = [(s.start, s.end, s.label) for s in crf.combine(text, offsets, nothing, scheme, weight=0.0)]
+        same += got == want  # marginals' argmax per word vs Viterbi: nearly always the same
+        # The transformer's BILOU tags fold into the CRF's BIO: U- and L- of a one-word span.
+        if want:
+            start, end, label = want[0]
+            word = next(i for i, (s, _) in enumerate(offsets) if s == start)
+            sure = nothing.copy()
+            sure[word] = 0.0
+            sure[word, scheme.tag_id("U", label)] = 1.0
+            spans = crf.combine(text, offsets, sure, scheme, weight=1.0)
+            assert spans[0].label == label and spans[0].start == start
+    assert same >= 38
