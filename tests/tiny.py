@@ -114,3 +114,26 @@ def make_tiny_token_bert(out: Path, num_tags: int, seed: int = 0, hidden: int = 
     BertForTokenClassification(config).eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_tiny_token_bundle(
+    root: Path, precisions: tuple[str, ...] = ("fp32",), tag_scheme: str = "BIO"
+) -> Path:
+    """A token-classification bundle of ``make_tiny_token_bert`` for the work-order entities
+    (models/entities.json), 48-token windows (long texts need several): ``root / "bundle"``."""
+    import json
+
+    from agent.build import build_bundle
+    from agent.entities import TagScheme
+
+    labels = json.loads((Path(__file__).parents[1] / "models" / "entities.json").read_text())["labels"]
+    build_bundle(
+        root / "bundle",
+        model_path=make_tiny_token_bert(root / "hf-model", len(TagScheme(labels, tag_scheme).tags)),
+        labels=labels,
+        precisions=precisions,
+        max_length=48,
+        task="token-classification",
+        tag_scheme=tag_scheme,
+    )
+    return root / "bundle"

@@ -72,8 +72,9 @@ def test_entity_requests_are_answered_with_spans_that_slice_the_text(start_agent
     start_agent(token_config)
     peer.publish("entities/req", {"id": "n1", "text": TEXT})
     res = peer.expect("entities/res", lambda m: m["id"] == "n1").json
-    assert set(res) == {"id", "entities", "adapter_version", "latency_ms"}
+    assert set(res) == {"id", "entities", "adapter_version", "model", "latency_ms"}
     assert len(res["entities"]) == 1 and res["adapter_version"] == "ner-1" and res["latency_ms"] > 0
+    assert res["model"] == "transformer"  # the adapter carries no CRF
     check_spans(TEXT, res["entities"][0])
 
     peer.publish("entities/req", {"id": "n2", "texts": TEXTS})
@@ -159,7 +160,7 @@ def test_events_on_a_token_box_publish_spans_and_are_stored_once(start_agent, pe
     found = 0
     for event in events:
         msg = published[event["id"]]
-        assert set(msg) == {"id", "entities", "adapter_version", "source", "ts", "latency_ms"}
+        assert set(msg) == {"id", "entities", "adapter_version", "model", "source", "ts", "latency_ms"}
         assert (msg["adapter_version"], msg["source"], msg["ts"]) == ("ner-1", "cmms", event["ts"])
         check_spans(event["text"], msg["entities"])
         text, label, score, top_k, entities, version, source = rows[event["id"]]

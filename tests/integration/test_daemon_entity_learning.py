@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.entities import TagScheme, span_f1
-from tests.integration.conftest import ENTITY_LABELS, write_agent_config
+from agent.entities import span_f1
+from tests.integration.conftest import write_agent_config
 from tools.workorders import workorder_dataset
 
 LEARNING = {
@@ -29,20 +29,9 @@ SAMPLES, PROBES = ORDERS[:600], ORDERS[600:]
 @pytest.fixture(scope="module")
 def learnable_token_bundle(tmp_path_factory) -> Path:
     """A tiny token bundle whose features a LoRA round can teach entities (tests.tiny)."""
-    from agent.build import build_bundle
-    from tests.tiny import make_tiny_token_bert
+    from tests.tiny import build_tiny_token_bundle
 
-    root = tmp_path_factory.mktemp("learnable-token")
-    build_bundle(
-        root / "bundle",
-        model_path=make_tiny_token_bert(root / "hf", len(TagScheme(ENTITY_LABELS, "BIO").tags)),
-        labels=ENTITY_LABELS,
-        precisions=("fp32",),
-        max_length=48,
-        task="token-classification",
-        tag_scheme="BIO",
-    )
-    return root / "bundle"
+    return build_tiny_token_bundle(tmp_path_factory.mktemp("learnable-token"))
 
 
 def ask(peer, rid: str) -> dict:

@@ -20,21 +20,9 @@ ENTITY_LABELS = json.loads((Path(__file__).parents[2] / "models" / "entities.jso
 
 @pytest.fixture(scope="module")
 def token_bundle(tmp_path_factory):
-    from agent.build import build_bundle
-    from tests.tiny import make_tiny_token_bert
+    from tests.tiny import build_tiny_token_bundle
 
-    root = tmp_path_factory.mktemp("tiny-token-learner")
-    out = root / "bundle"
-    build_bundle(
-        out,
-        model_path=make_tiny_token_bert(root / "hf-model", len(TagScheme(ENTITY_LABELS, "BIO").tags)),
-        labels=ENTITY_LABELS,
-        precisions=("fp32",),
-        max_length=48,
-        task="token-classification",
-        tag_scheme="BIO",
-    )
-    return out
+    return build_tiny_token_bundle(tmp_path_factory.mktemp("tiny-token-learner"))
 
 
 def spans_of(orders) -> list[list[SpanTuple]]:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from agent.engine import EngineConfig, InferenceEngine
-from agent.entities import TagScheme
 from tools.workorders import workorder_dataset
 
 ENTITY_LABELS = json.loads((Path(__file__).parents[2] / "models" / "entities.json").read_text())["labels"]
@@ -19,20 +18,10 @@ LONG = " ; ".join(TEXTS[:6])  # several windows of the 48-token model
 
 @pytest.fixture(scope="module")
 def token_bundle_and_adapter(tmp_path_factory):
-    from agent.build import build_bundle
-    from tests.tiny import make_random_adapter, make_tiny_token_bert
+    from tests.tiny import build_tiny_token_bundle, make_random_adapter
 
     root = tmp_path_factory.mktemp("tiny-token-merge")
-    bundle = root / "bundle"
-    build_bundle(
-        bundle,
-        model_path=make_tiny_token_bert(root / "hf", len(TagScheme(ENTITY_LABELS, "BIO").tags)),
-        labels=ENTITY_LABELS,
-        precisions=("fp32", "int8"),
-        max_length=48,
-        task="token-classification",
-        tag_scheme="BIO",
-    )
+    bundle = build_tiny_token_bundle(root, precisions=("fp32", "int8"))
     adapter = make_random_adapter(bundle, root / "adapter", seed=7, version="t1", b_std=0.5, head_std=2.0)
     return bundle, adapter
 

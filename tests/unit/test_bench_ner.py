@@ -86,22 +86,9 @@ def test_cli_lists_the_benchmark():
 @pytest.fixture(scope="module")
 def tiny_learning_bundle(tmp_path_factory):
     """A tiny BERT the learner can teach entities (``make_tiny_token_bert``), as the learner's tests use."""
-    from agent.build import build_bundle
-    from agent.entities import TagScheme
-    from tests.tiny import make_tiny_token_bert
+    from tests.tiny import build_tiny_token_bundle
 
-    root = tmp_path_factory.mktemp("bench-ner-learning")
-    labels = ner.entity_labels()
-    build_bundle(
-        root / "bundle",
-        model_path=make_tiny_token_bert(root / "hf-model", len(TagScheme(labels, "BIO").tags)),
-        labels=labels,
-        precisions=("fp32",),
-        max_length=48,
-        task="token-classification",
-        tag_scheme="BIO",
-    )
-    return root / "bundle"
+    return build_tiny_token_bundle(tmp_path_factory.mktemp("bench-ner-learning"))
 
 
 def test_learning_part_fills_its_keys(tiny_learning_bundle):

@@ -34,6 +34,7 @@ Output: a table on stdout; with ``--json`` the last stdout line is one JSON obje
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -47,6 +48,9 @@ from tools.bench import common, ner_learning
 from tools.bench.common import log
 
 DEFAULT_BUNDLE = Path("build/bundle-minilm-ner")
+# The daemon calibrates on up to 256 holdout texts; these come after the measured ones (--texts).
+CALIBRATION_TEXTS = 256
+CALIBRATION_OFFSET = 20_000
 ENTITIES_FILE = Path(__file__).resolve().parents[2] / "models" / "entities.json"
 REQUEST_TEXTS = 64
 HF_BATCH = 32
@@ -120,12 +124,22 @@ def span_tuples(spans: Sequence[Any]) -> list[tuple[int, int, str]]:
     return [(s.start, s.end, s.label) for s in spans]
 
 
+@functools.lru_cache(maxsize=4)
+def calibration_texts(seed: int = 0, n: int = CALIBRATION_TEXTS) -> list[str]:
+    """The plant's own texts the daemon hands its engine (recent holdout samples) for the precision
+    trial and the merged INT8 check: work orders of the same sites as the measured texts (one
+    dataset seed), past the measured ones."""
+    from tools.workorders import workorder_dataset
+
+    return [wo.text for wo in workorder_dataset(CALIBRATION_OFFSET + n, seed=seed)[CALIBRATION_OFFSET:]]
+
+
 def _open_engine(bundle: Path, adapter: Path, precision: str, threads: int | None = None):
     from agent.engine import EngineConfig, InferenceEngine
 
     # The engine's default batching; cache off so that every pass really runs every text.
     config = EngineConfig(precision=precision, provider="cpu", cache_size=0, intra_op_threads=threads)
-    engine = InferenceEngine.open(bundle, config, adapter_dir=adapter)
+    engine = InferenceEngine.open(bundle, config, adapter_dir=adapter, calibration_texts=calibration_texts())
     # Measured as the box serves between promotions: on the merged session once it is built (or on
     # the LoRA path where the merge's check refused it; `serving_path` says which).
     engine.wait_merged(600)
