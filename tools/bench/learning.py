@@ -105,7 +105,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from tools.bench import common
 from tools.bench.common import log
@@ -206,6 +206,9 @@ class Plan:
         )
 
 
+R = TypeVar("R")
+
+
 @dataclass(frozen=True)
 class Row:
     text: str
@@ -213,39 +216,28 @@ class Row:
 
 
 @dataclass
-class Split:
-    """The protocol's data, in arrival order. ``chunk_holdout[k][i]``: row i of chunk k goes to the holdout."""
+class StreamSplit(Generic[R]):
+    """The protocol's data, in arrival order. ``chunk_holdout[k][i]``: row i of chunk k goes to the
+    holdout. The rows are labeled texts here (``Row``), span rows in the NER benchmark."""
 
-    pre_train: list[Row]
-    pre_holdout: list[Row]
-    pre_test: list[Row]
-    chunks: list[list[Row]]
+    pre_train: list[R]
+    pre_holdout: list[R]
+    pre_test: list[R]
+    chunks: list[list[R]]
     chunk_holdout: list[list[bool]]
-    post_test: list[Row]
-    source: str
-    drift_known: bool = True  # simulated: every chunk row is drifted; CSV: unknown
+    post_test: list[R]
 
-    def chunk_train(self, k: int) -> list[Row]:
+    def chunk_train(self, k: int) -> list[R]:
         return [r for r, h in zip(self.chunks[k], self.chunk_holdout[k], strict=True) if not h]
 
-    def chunk_holdout_rows(self, k: int) -> list[Row]:
+    def chunk_holdout_rows(self, k: int) -> list[R]:
         return [r for r, h in zip(self.chunks[k], self.chunk_holdout[k], strict=True) if h]
 
-    def all_train(self) -> list[Row]:
+    def all_train(self) -> list[R]:
         return self.pre_train + [r for k in range(len(self.chunks)) for r in self.chunk_train(k)]
 
-    def all_holdout(self) -> list[Row]:
+    def all_holdout(self) -> list[R]:
         return self.pre_holdout + [r for k in range(len(self.chunks)) for r in self.chunk_holdout_rows(k)]
-
-    def labels(self) -> list[str]:
-        rows = (
-            self.pre_train
-            + self.pre_holdout
-            + self.pre_test
-            + self.post_test
-            + [r for c in self.chunks for r in c]
-        )
-        return sorted({r.label for r in rows})
 
     def sizes(self) -> dict[str, Any]:
         return {
@@ -256,6 +248,22 @@ class Split:
             "chunk_holdout": [sum(h) for h in self.chunk_holdout],
             "post_test": len(self.post_test),
         }
+
+
+@dataclass
+class Split(StreamSplit[Row]):
+    source: str
+    drift_known: bool = True  # simulated: every chunk row is drifted; CSV: unknown
+
+    def labels(self) -> list[str]:
+        rows = (
+            self.pre_train
+            + self.pre_holdout
+            + self.pre_test
+            + self.post_test
+            + [r for c in self.chunks for r in c]
+        )
+        return sorted({r.label for r in rows})
 
 
 # ---- pure helpers (unit-tested) -------------------------------------------------------------------

@@ -56,7 +56,7 @@ from agent.entity_crf import CRF_CONFIG, CRF_MODEL
 from agent.linear import SERVING
 from tools.bench import common
 from tools.bench.common import log
-from tools.bench.learning import HoldoutSplitter, points
+from tools.bench.learning import HoldoutSplitter, StreamSplit, points
 
 Span = tuple[int, int, str]
 
@@ -90,38 +90,8 @@ class SpanRow:
     spans: tuple[Span, ...]
 
 
-@dataclass
-class NerSplit:
-    """The protocol's data in arrival order; ``chunk_holdout[k][i]``: row i of chunk k is a holdout row."""
-
-    pre_train: list[SpanRow]
-    pre_holdout: list[SpanRow]
-    pre_test: list[SpanRow]
-    chunks: list[list[SpanRow]]
-    chunk_holdout: list[list[bool]]
-    post_test: list[SpanRow]
-
-    def chunk_train(self, k: int) -> list[SpanRow]:
-        return [r for r, h in zip(self.chunks[k], self.chunk_holdout[k], strict=True) if not h]
-
-    def chunk_holdout_rows(self, k: int) -> list[SpanRow]:
-        return [r for r, h in zip(self.chunks[k], self.chunk_holdout[k], strict=True) if h]
-
-    def all_train(self) -> list[SpanRow]:
-        return self.pre_train + [r for k in range(len(self.chunks)) for r in self.chunk_train(k)]
-
-    def all_holdout(self) -> list[SpanRow]:
-        return self.pre_holdout + [r for k in range(len(self.chunks)) for r in self.chunk_holdout_rows(k)]
-
-    def sizes(self) -> dict[str, Any]:
-        return {
-            "pre_train": len(self.pre_train),
-            "pre_holdout": len(self.pre_holdout),
-            "pre_test": len(self.pre_test),
-            "chunks": [len(c) for c in self.chunks],
-            "chunk_holdout": [sum(h) for h in self.chunk_holdout],
-            "post_test": len(self.post_test),
-        }
+# The protocol's data in arrival order (``tools.bench.learning.StreamSplit``), of span rows.
+NerSplit = StreamSplit[SpanRow]
 
 
 # ---- pure helpers (unit-tested) -------------------------------------------------------------------
@@ -149,7 +119,7 @@ def split_stream(
     splitter = HoldoutSplitter(holdout_fraction)  # one store: its counts run on across the drift
     stored_flags = [splitter.is_holdout(SPAN_STRATUM) for _ in stored]
     chunk_holdout = [[splitter.is_holdout(SPAN_STRATUM) for _ in c] for c in chunks]
-    return NerSplit(
+    return StreamSplit(
         pre_train=[r for r, h in zip(stored, stored_flags, strict=True) if not h],
         pre_holdout=[r for r, h in zip(stored, stored_flags, strict=True) if h],
         pre_test=pre_test,
