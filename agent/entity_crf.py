@@ -275,10 +275,12 @@ def fit_crf(
     )
 
 
-def save_crf(adapter_dir: Path, crf: EntityCrf) -> None:
-    """The model file and its config (with the file's digest) into an adapter directory."""
+def save_crf(adapter_dir: Path, crf: EntityCrf, config_only: bool = False) -> None:
+    """The model file and its config (with the file's digest) into an adapter directory;
+    ``config_only``: the config again (new metrics), the model file already there."""
     crf.config.sha256 = hashlib.sha256(crf.model).hexdigest()
-    (Path(adapter_dir) / CRF_MODEL).write_bytes(crf.model)
+    if not config_only:
+        (Path(adapter_dir) / CRF_MODEL).write_bytes(crf.model)
     (Path(adapter_dir) / CRF_CONFIG).write_text(json.dumps(asdict(crf.config), indent=2))
 
 

@@ -629,7 +629,7 @@ def _keep_crf(
         (out / SERVING).unlink(missing_ok=True)
     models = {"transformer": transformer, "crf": crf_reports, "combined": combined}
     crf.config.metrics = {m: {k: r.accuracy for k, r in reports.items()} for m, reports in models.items()}
-    save_crf(out, crf)
+    save_crf(out, crf, config_only=True)  # the metrics, now all three
     result.candidate_models = {m: {k: asdict(v) for k, v in r.items()} for m, r in models.items()}
     result.candidate = result.candidate_models["transformer"]
 
